@@ -1,0 +1,20 @@
+"""Backbone adapters (open_clip, timm), the attention recorder and tiny model configs."""
+
+from .attention import AttentionRecord, AttentionRecorder, UnsupportedModelError
+from .base import Backbone, BlockParts, PreprocessSpec
+from .open_clip import TINY_MODELS, OpenCLIPBackbone
+from .timm import TimmBackbone
+from .weights import PretrainedWeightsUnavailable
+
+__all__ = [
+    "TINY_MODELS",
+    "AttentionRecord",
+    "AttentionRecorder",
+    "Backbone",
+    "BlockParts",
+    "OpenCLIPBackbone",
+    "PreprocessSpec",
+    "PretrainedWeightsUnavailable",
+    "TimmBackbone",
+    "UnsupportedModelError",
+]

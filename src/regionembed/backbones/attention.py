@@ -1,0 +1,279 @@
+"""The attention recorder: the one place in regionembed that reaches into attention internals.
+
+Fused attention kernels (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``) never materialise the
+post-softmax probabilities on the autograd graph, so no gradient with respect to them exists. Inside an
+:class:`AttentionRecorder` context the attention modules of the chosen blocks run an explicit, numerically equivalent
+forward (``softmax(q k^T / sqrt(d)) v``) that keeps the probabilities, the per-head values and the block's
+intermediate activations. The same ``Parameter`` objects are used (no copies, ``state_dict`` keys unchanged), and
+everything is undone on exit.
+
+Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention) and timm
+``vision_transformer.Block`` with ``timm.layers.Attention``. Anything else raises :class:`UnsupportedModelError`.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["AttentionRecord", "AttentionRecorder", "UnsupportedModelError", "check_library_versions"]
+
+# Versions whose attention internals this module was written and tested against.
+_SUPPORTED = {"open_clip": ((3, 0), (4, 0)), "timm": ((1, 0), (1, 1))}
+
+
+class UnsupportedModelError(RuntimeError):
+    """Raised when a model or library version is outside what the recorder knows how to instrument."""
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+def check_library_versions(library: str) -> None:
+    """Fail loudly if ``library`` ("open_clip" or "timm") has a version whose internals were not verified."""
+    if library == "open_clip":
+        import open_clip
+
+        version = open_clip.__version__
+    elif library == "timm":
+        import timm
+
+        version = timm.__version__
+    else:
+        raise UnsupportedModelError(f"unknown library {library!r}")
+    low, high = _SUPPORTED[library]
+    if not low <= _version_tuple(version) < high:
+        raise UnsupportedModelError(
+            f"{library} {version} is not supported by regionembed's attention recorder "
+            f"(verified: >={low[0]}.{low[1]},<{high[0]}.{high[1]}); pin a supported version"
+        )
+
+
+@dataclass
+class AttentionRecord:
+    """What one block left behind during a recorded forward (all batch-first).
+
+    Attributes:
+        probs: ``[B, H, T, T]`` post-softmax attention probabilities, on the autograd graph.
+        v: ``[B, H, T, dh]`` per-head values.
+        x_in: ``[B, T, C]`` block input.
+        attn_out: ``[B, T, C]`` attention branch output (after the output projection, before layer scale).
+        out: ``[B, T, C]`` block output.
+    """
+
+    probs: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    x_in: torch.Tensor | None = None
+    attn_out: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+
+@dataclass
+class _Patch:
+    attn: nn.Module
+    handles: list = field(default_factory=list)
+
+
+def _explicit_attention(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+    record: AttentionRecord,
+    leaf_probs: bool,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v with the probabilities kept. q, k, v: ``[B, H, T, dh]``."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    probs = logits.softmax(dim=-1)
+    if leaf_probs and torch.is_grad_enabled() and not probs.requires_grad:
+        # Nothing upstream requires grad (frozen model, plain image): make the probabilities a leaf so that
+        # gradients with respect to them still exist.
+        probs.requires_grad_(True)
+    record.probs = probs
+    record.v = v
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
+def _mask_to_bias(attn_mask: torch.Tensor | None, dtype: torch.dtype, batch: int, heads: int) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(attn_mask, float("-inf"))
+    if attn_mask.ndim == 3:  # [B*H, T, T] as nn.MultiheadAttention takes it
+        attn_mask = attn_mask.view(batch, heads, *attn_mask.shape[-2:])
+    return attn_mask.to(dtype)
+
+
+def _mha_forward(recorder: AttentionRecorder, index: int):
+    """An explicit forward for ``nn.MultiheadAttention`` used as self-attention."""
+
+    def forward(
+        self: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if not (query is key and key is value):
+            raise UnsupportedModelError("the attention recorder supports self-attention only")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, t, c = x.shape
+        h = self.num_heads
+        dh = c // h
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (y.reshape(b, t, h, dh).transpose(1, 2) for y in (q, k, v))
+        bias = _mask_to_bias(attn_mask, q.dtype, b, h)
+        if is_causal and bias is None:
+            bias = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        if key_padding_mask is not None:
+            kpm = _mask_to_bias(key_padding_mask, q.dtype, b, h).view(b, 1, 1, t)
+            bias = kpm if bias is None else bias + kpm
+        record = recorder.records[index]
+        o = _explicit_attention(
+            x, q, k, v, dh**-0.5, bias, self.dropout if self.training else 0.0, record, recorder.leaf_probs
+        )
+        out = F.linear(o.transpose(1, 2).reshape(b, t, c), self.out_proj.weight, self.out_proj.bias)
+        record.attn_out = out
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = record.probs.mean(dim=1) if average_attn_weights else record.probs
+        return out, weights
+
+    return forward
+
+
+def _timm_forward(recorder: AttentionRecorder, index: int):
+    """An explicit forward for ``timm.layers.Attention`` (the non-fused path of timm, with probabilities kept)."""
+    from timm.layers.attention import resolve_self_attn_mask
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, **kwargs):
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = resolve_self_attn_mask(n, q, attn_mask, is_causal)
+        record = recorder.records[index]
+        o = _explicit_attention(
+            x, q, k, v, self.scale, bias, self.attn_drop.p if self.training else 0.0, record, recorder.leaf_probs
+        )
+        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        o = self.norm(o)
+        if gate is not None:
+            o = o * gate
+        out = self.proj_drop(self.proj(o))
+        record.attn_out = out
+        return out
+
+    return forward
+
+
+def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index: int):
+    """Find the attention module of ``block`` and the explicit forward to put in its place."""
+    attn = getattr(block, "attn", None)
+    if isinstance(attn, nn.MultiheadAttention):
+        check_library_versions("open_clip")
+        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModelError("nn.MultiheadAttention with separate q/k/v weights or bias_k is not supported")
+        return attn, _mha_forward(recorder, index)
+    try:
+        from timm.layers import Attention as TimmAttention
+    except ImportError:  # pragma: no cover - timm is a dependency
+        TimmAttention = ()
+    if isinstance(attn, TimmAttention):
+        check_library_versions("timm")
+        return attn, _timm_forward(recorder, index)
+    raise UnsupportedModelError(
+        f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
+        "recorder (supported: open_clip ResidualAttentionBlock, timm vision_transformer.Block)"
+    )
+
+
+class AttentionRecorder:
+    """Record post-softmax attention probabilities (with gradients) and block activations.
+
+    Example::
+
+        with AttentionRecorder(backbone.blocks, layers=[-1]) as rec:
+            emb = backbone.encode_image(image)
+        probs = rec.records[-1].probs  # [B, H, T, T], differentiable
+
+    Args:
+        blocks: the transformer blocks of the vision tower (``backbone.blocks``).
+        layers: indices into ``blocks`` to record (negative indices allowed).
+        leaf_probs: when grad mode is on but nothing upstream requires grad, make the probabilities an autograd
+            leaf so that gradients with respect to them can still be taken (the model stays frozen).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], layers: Sequence[int], leaf_probs: bool = True) -> None:
+        self.blocks = list(blocks)
+        n = len(self.blocks)
+        for layer in layers:
+            if not -n <= layer < n:
+                raise ValueError(f"layer index {layer} is out of range for a model with {n} blocks")
+        self.layers = sorted({layer % n for layer in layers})
+        self.leaf_probs = leaf_probs
+        self.records: dict[int, AttentionRecord] = {}
+        self._patches: list[_Patch] = []
+
+    def __getitem__(self, layer: int) -> AttentionRecord:
+        return self.records[layer % len(self.blocks)]
+
+    def __enter__(self) -> AttentionRecorder:
+        try:
+            for i in self.layers:
+                self._attach(i)
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._detach()
+
+    def _attach(self, index: int) -> None:
+        block = self.blocks[index]
+        attn, forward = _attention_and_forward(block, self, index)
+        if "forward" in attn.__dict__:
+            raise RuntimeError(f"block {index} is already instrumented (nested AttentionRecorder?)")
+        record = AttentionRecord()
+        self.records[index] = record
+        patch = _Patch(attn)
+        self._patches.append(patch)
+        attn.forward = types.MethodType(forward, attn)
+
+        def pre_hook(module, args, kwargs):
+            record.x_in = args[0] if args else kwargs.get("x", kwargs.get("q_x"))
+
+        def post_hook(module, args, kwargs, output):
+            record.out = output
+
+        patch.handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        patch.handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+
+    def _detach(self) -> None:
+        for patch in self._patches:
+            patch.attn.__dict__.pop("forward", None)
+            for handle in patch.handles:
+                handle.remove()
+        self._patches.clear()

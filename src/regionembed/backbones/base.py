@@ -1,0 +1,156 @@
+"""The backbone adapter contract shared by every method in regionembed.
+
+A backbone wraps a CLIP-like vision transformer (open_clip, timm) behind one small interface: encode images and
+texts, expose the token grid and the transformer blocks, and describe the model's own preprocessing. Explainers and
+the MaskInversion solver only talk to this interface, never to a library's internals.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The preprocessing a backbone was trained with (taken from the model, never hard-coded).
+
+    Attributes:
+        size: square input side in pixels.
+        mean: per-channel RGB mean.
+        std: per-channel RGB std.
+        interpolation: resize interpolation name (``"bicubic"``, ``"bilinear"``, ...).
+        resize_mode: the model's own resize mode (``"shortest"``, ``"squash"``, ...), for reference.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+
+@dataclass
+class BlockParts:
+    """The linear-algebra view of one pre-norm transformer block, used by the gradient decomposition.
+
+    The block computes ``x_mid = x + ls1(out_proj(concat_h(A_h V_h)))`` and
+    ``x_out = x_mid + ls2(fc2(act(fc1(norm2(x_mid)))))``. Layer scales are ``None`` when absent.
+    """
+
+    num_heads: int
+    head_dim: int
+    out_proj_weight: torch.Tensor  # [C, H*dh]
+    norm2: nn.LayerNorm
+    fc1: nn.Linear
+    act: nn.Module
+    fc2: nn.Linear
+    ls1: torch.Tensor | None  # [C]
+    ls2: torch.Tensor | None  # [C]
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A CLIP-like ViT behind the interface the explainers and solvers use.
+
+    Subclasses implement :meth:`embed_tokens`, :meth:`run_blocks`-compatible ``blocks``, :meth:`pool_tokens` and
+    :meth:`legrad_head`. Images are ``[B, 3, S, S]`` tensors already normalised with :attr:`preprocess`.
+    """
+
+    #: number of prefix tokens ([CLS], registers) before the patch tokens
+    num_prefix_tokens: int = 1
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> int:
+        """Side of a square patch in pixels."""
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int:
+        """Dimension D of the joint embedding space."""
+
+    @property
+    @abc.abstractmethod
+    def preprocess(self) -> PreprocessSpec:
+        """The preprocessing this backbone expects."""
+
+    @property
+    @abc.abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The vision transformer blocks, in order."""
+
+    @abc.abstractmethod
+    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch-embed an image and add prefix tokens and (resampled) positional embeddings.
+
+        Args:
+            image: ``[B, 3, H, W]`` normalised image, ``H`` and ``W`` multiples of the patch size.
+
+        Returns:
+            ``[B, T, C]`` tokens entering the first block, ``T = prefix + (H/p) * (W/p)``.
+        """
+
+    @abc.abstractmethod
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own pooling and projection of the last block's output: ``[B, T, C] -> [B, D]``."""
+
+    @abc.abstractmethod
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """LeGrad's per-layer head: final norm and projection of a mean-pooled token ``[..., C] -> [..., D]``."""
+
+    @abc.abstractmethod
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        """Describe ``block`` for the gradient decomposition (raise ``NotImplementedError`` if it cannot be)."""
+
+    def grid_size(self, image_size: tuple[int, int] | int) -> tuple[int, int]:
+        """Token grid ``(h, w)`` for an input of ``image_size`` pixels."""
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        h, w = image_size
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        return h // p, w // p
+
+    def layer_indices(self, layers: Sequence[int]) -> list[int]:
+        """Resolve possibly negative block indices to sorted unique non-negative ones."""
+        n = len(self.blocks)
+        out = []
+        for layer in layers:
+            if not -n <= layer < n:
+                raise ValueError(f"layer index {layer} is out of range for a model with {n} blocks")
+            out.append(layer % n)
+        return sorted(set(out))
+
+    def forward_blocks(self, tokens: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Run ``tokens`` ``[B, T, C]`` through blocks ``[0, stop)`` (all blocks when ``stop`` is None)."""
+        blocks = self.blocks if stop is None else self.blocks[:stop]
+        for blk in blocks:
+            tokens = blk(tokens)
+        return tokens
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of the patch size."""
+        self._check_image(image)
+        feats = self.pool_tokens(self.forward_blocks(self.embed_tokens(image)))
+        return nn.functional.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Embed tokenised texts ``[B, L] -> [B, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Tokenise texts with the model's own tokenizer: ``[B, L]`` int64."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"expected an image batch of shape [B, 3, H, W], got {shape}")
+        if not torch.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
+        self.grid_size(tuple(image.shape[-2:]))

@@ -1,0 +1,180 @@
+"""open_clip vision transformers behind the :class:`~regionembed.backbones.base.Backbone` interface."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .attention import UnsupportedModelError, check_library_versions
+from .base import Backbone, BlockParts, PreprocessSpec
+from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_message, resolve_local_file
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+#: tiny architectures shipped with regionembed for tests and smoke runs (random init only)
+TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+
+def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    if pretrained is None or pretrained == "":
+        return open_clip.create_model(model_name, pretrained=None)
+    if looks_like_path(pretrained):
+        return open_clip.create_model(model_name, pretrained=resolve_local_file(pretrained), cache_dir=cache_dir)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: {tags or 'none'}; "
+            "or pass a local .pt/.bin/.safetensors file"
+        )
+    example = f"OpenCLIPBackbone({model_name!r}, pretrained='/path/to/open_clip_model.safetensors')"
+    offline = hub_offline()
+    if offline and not os.environ.get("HF_HUB_OFFLINE"):  # unreachable: fail now instead of after long retries
+        raise PretrainedWeightsUnavailable(offline_message(f"open_clip weights {model_name}/{pretrained}", example))
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    except Exception as err:  # hub errors come in many types; re-raise with the way out
+        if offline:
+            raise PretrainedWeightsUnavailable(
+                offline_message(f"open_clip weights {model_name}/{pretrained}", example)
+            ) from err
+        raise
+
+
+class OpenCLIPBackbone(Backbone):
+    """An open_clip CLIP model (ViT image tower) as a regionembed backbone.
+
+    Args:
+        model_name: any open_clip ViT config name (``open_clip.list_models()``), or a tiny regionembed config
+            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``).
+        pretrained: ``None`` for random init, an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
+            needs the hub), or a local weights file (``.pt/.pth/.bin/.safetensors``, loaded weights-only).
+        image_size: square input side; positional embeddings are resampled on the fly (the model's own
+            parameters are never modified). Defaults to the model's native size.
+        cache_dir: open_clip download cache.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_library_versions("open_clip")
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model = _create_open_clip(model_name, pretrained, cache_dir)
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise UnsupportedModelError(f"{model_name}: only open_clip VisionTransformer image towers are supported")
+        if visual.attn_pool is not None:
+            raise UnsupportedModelError(f"{model_name}: attentional pooling (CoCa) is not supported")
+        if not visual.transformer.batch_first:
+            raise UnsupportedModelError(f"{model_name}: sequence-first transformers are not supported")
+        self._patch = int(visual.patch_size[0])
+        self._native_grid = tuple(int(g) for g in visual.grid_size)
+        size = int(image_size or visual.image_size[0])
+        if size % self._patch:
+            raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        self._preprocess = PreprocessSpec(
+            size=size,
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+        )
+        self._tokenizer = open_clip.get_tokenizer(model_name)
+        self.model.eval()
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def patch_size(self) -> int:
+        return self._patch
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self._preprocess
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.visual.transformer.resblocks
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    # ------------------------------------------------------------------------------------------- forward
+    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[1 + h*w, C]`` positional embedding for a token grid, resampled (bicubic) when it differs."""
+        pos = self.model.visual.positional_embedding
+        if tuple(grid) == self._native_grid:
+            return pos
+        return resample_abs_pos_embed(
+            pos.unsqueeze(0), new_size=list(grid), old_size=list(self._native_grid), num_prefix_tokens=1
+        )[0]
+
+    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        x = visual.conv1(image)  # [B, C, h, w]
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
+        x = visual.patch_dropout(x)
+        return visual.ln_pre(x)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        pooled, _ = visual._pool(tokens)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        out = visual.ln_post(pooled)
+        return out @ visual.proj if visual.proj is not None else out
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tokenizer(list(texts))
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.ln_2, nn.LayerNorm):
+            raise NotImplementedError(f"no gradient decomposition for {type(block).__name__}")
+        attn = block.attn
+        return BlockParts(
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            out_proj_weight=attn.out_proj.weight,
+            norm2=block.ln_2,
+            fc1=block.mlp.c_fc,
+            act=block.mlp.gelu,
+            fc2=block.mlp.c_proj,
+            ls1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
+            ls2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
+        )
+
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}"

@@ -1,0 +1,139 @@
+"""timm vision transformers behind the :class:`~regionembed.backbones.base.Backbone` interface (image only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import timm
+import torch
+from timm.layers import LayerScale
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .attention import UnsupportedModelError, check_library_versions
+from .base import Backbone, BlockParts, PreprocessSpec
+from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_message, resolve_local_file
+
+
+class TimmBackbone(Backbone):
+    """A timm ``VisionTransformer`` as a regionembed backbone.
+
+    The embedding space is the model head's output (class logits, or features when ``num_classes=0``); there is no
+    text tower, so targets are embeddings such as classifier weights or MaskInversion tokens.
+
+    Args:
+        model_name: a timm ViT name (``timm.list_models("vit_*")``), e.g. ``test_vit`` for tests.
+        pretrained: ``None``/``False`` for random init, ``True`` for timm's default hub weights, or a local
+            weights file.
+        image_size: square input side (positional embeddings resampled by timm's dynamic image size).
+        num_classes: override the head size (``0`` keeps pooled features).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        pretrained: bool | str | None = None,
+        image_size: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_library_versions("timm")
+        self.model_name = model_name
+        kwargs: dict = {"dynamic_img_size": True}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if isinstance(pretrained, str) and pretrained:
+            kwargs["pretrained_cfg_overlay"] = {"file": resolve_local_file(pretrained)}
+            load = True
+        elif pretrained is True:
+            if hub_offline() and not os.environ.get("HF_HUB_OFFLINE"):
+                raise PretrainedWeightsUnavailable(
+                    offline_message(f"timm weights {model_name}", f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')")
+                )
+            load = True
+        else:
+            load = False
+        if isinstance(pretrained, str) and pretrained and not looks_like_path(pretrained):
+            raise ValueError(f"pretrained must be a bool or a weights file, got {pretrained!r}")
+        try:
+            self.model = timm.create_model(model_name, pretrained=load, **kwargs)
+        except Exception as err:
+            if pretrained is True and hub_offline():
+                raise PretrainedWeightsUnavailable(
+                    offline_message(f"timm weights {model_name}", "pretrained='/path/to/model.safetensors'")
+                ) from err
+            raise
+        if not isinstance(self.model, VisionTransformer) or self.model.attn_pool is not None:
+            raise UnsupportedModelError(f"{model_name}: only timm VisionTransformer without attention pooling")
+        self.num_prefix_tokens = int(self.model.num_prefix_tokens)
+        self._patch = int(self.model.patch_embed.patch_size[0])
+        cfg = timm.data.resolve_model_data_config(self.model)
+        size = int(image_size or cfg["input_size"][-1])
+        if size % self._patch:
+            raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
+        self._preprocess = PreprocessSpec(
+            size=size,
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode="shortest",
+        )
+        self.model.eval()
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_classes or self.model.num_features)
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self._preprocess
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(image)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(tokens))
+
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.head(m.fc_norm(m.norm(pooled)))
+
+    def block_parts(self, block: nn.Module) -> BlockParts:
+        attn, mlp = block.attn, block.mlp
+        plain = (
+            isinstance(block, Block)
+            and isinstance(block.norm2, nn.LayerNorm)
+            and isinstance(attn.norm, nn.Identity)
+            and getattr(attn, "gate", None) is None
+            and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+            and hasattr(mlp, "fc1")
+        )
+        if not plain:
+            raise NotImplementedError(f"no gradient decomposition for this {type(block).__name__} variant")
+        return BlockParts(
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            out_proj_weight=attn.proj.weight,
+            norm2=block.norm2,
+            fc1=mlp.fc1,
+            act=mlp.act,
+            fc2=mlp.fc2,
+            ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
+            ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
+        )
+
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}, image_size={self.preprocess.size}"

@@ -1,0 +1,85 @@
+"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones.attention import AttentionRecorder
+from ..backbones.base import Backbone
+from .base import Explainer, min_max, relevance_to_map
+
+__all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
+
+
+def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]) -> AttentionRecorder:
+    """Run ``image`` through the blocks up to the last of ``layers`` with attention recorded (grad enabled).
+
+    Returns the (already exited) recorder holding the records of ``layers``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
+            "`trainer.inference_mode: false` (the shipped configs do)"
+        )
+    with torch.enable_grad(), AttentionRecorder(backbone.blocks, layers) as rec:
+        backbone.forward_blocks(backbone.embed_tokens(image), stop=max(rec.layers) + 1)
+    return rec
+
+
+def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor) -> torch.Tensor:
+    """LeGrad's per-layer image feature: ``normalize(head(mean over all tokens))``, ``[B, T, C] -> [B, D]``."""
+    return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
+
+
+class LeGrad(Explainer):
+    """LeGrad, as the official implementation computes it.
+
+    For each chosen block ``l``: ``s = <e, normalize(head(mean_tokens(block_l output)))>``; the gradient of ``s`` with
+    respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
+    prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
+    are summed and min-max normalised per map.
+
+    Args:
+        layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
+        eps: floor of the min-max range (a constant map becomes zeros instead of NaN).
+    """
+
+    differentiable = True
+
+    def __init__(self, layers: Sequence[int] = (-1,), eps: float = 1e-12) -> None:
+        if not layers:
+            raise ValueError("LeGrad needs at least one layer")
+        self.layers = tuple(int(layer) for layer in layers)
+        self.eps = float(eps)
+
+    def explain(
+        self,
+        backbone: Backbone,
+        image: torch.Tensor,
+        targets: torch.Tensor,
+        create_graph: bool | None = None,
+        recorder: AttentionRecorder | None = None,
+    ) -> torch.Tensor:
+        """Args:
+        create_graph: keep the maps on the autograd graph; default: when ``targets`` or ``image`` require grad
+            and grad mode is on.
+        recorder: reuse a recorded forward (``record_layers``) of ``image``, e.g. across optimisation steps.
+        """
+        if create_graph is None:
+            create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
+        rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
+        grid = backbone.grid_size(tuple(image.shape[-2:]))
+        layers = backbone.layer_indices(self.layers)
+        total = 0.0
+        with torch.enable_grad():
+            for i, layer in enumerate(layers):
+                record = rec.records[layer]
+                score = (targets * legrad_layer_features(backbone, record.out)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
+                (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
+                relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
+                total = total + relevance_to_map(relevance, grid, backbone.patch_size)
+        return min_max(total, self.eps)

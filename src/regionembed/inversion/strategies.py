@@ -1,0 +1,268 @@
+"""How the MaskInversion solver computes LeGrad maps of the localized embedding tokens at every step.
+
+For a fixed image and a frozen model, LeGrad's layer score ``s = <e, f>`` is *linear* in the (normalised) token
+``e``, so the gradient of ``s`` with respect to a block's attention probabilities is ``G(e) = J^T e`` for a constant
+Jacobian ``J`` of that block's tail. Three strategies compute ``G``:
+
+``naive``
+    The reference: the official algorithm. The image is repeated once per mask, and each step takes
+    ``autograd.grad(s, probs, create_graph=True)`` and back-propagates the loss through that graph
+    (a second-order backward through the block, N image copies).
+``per_step``
+    One forward of one image, no autograd through the model at all. Each step evaluates ``G(e)`` with explicit
+    formulas for the block tail (``G_h = dO_h V_h^T`` with ``dO`` the vector-Jacobian product of the token-wise MLP,
+    layer norm, layer scales and output projection, all pre-evaluated at the image's activations); the loss gradient
+    is the ordinary first-order backward of those formulas, i.e. the transposed Jacobian product.
+``precomputed``
+    As ``per_step`` but the map ``e -> dO`` (``[D, T, C]``, factored through the per-head attention outputs) is
+    evaluated once on the D basis vectors; each step is then one matrix product ``e @ P`` plus ``dO V^T``. Amortises
+    over many masks and iterations at the price of ``D * T * C`` floats per layer.
+
+All three agree numerically (see ``tests/unit/test_strategies.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones.attention import AttentionRecorder
+from ..backbones.base import Backbone
+from ..explainers.base import Explainer, min_max, relevance_to_map
+from ..explainers.legrad import LeGrad, legrad_layer_features
+
+__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "estimate_costs"]
+
+
+class MapStrategy(abc.ABC):
+    """Computes min-max normalised maps ``[N, H, W]`` of tokens ``e`` ``[N, D]`` for one image, differentiably."""
+
+    name: str
+
+    def __init__(self, backbone: Backbone, image: torch.Tensor, layers: Sequence[int], num_masks: int, eps: float):
+        self.backbone = backbone
+        self.layers = backbone.layer_indices(layers)
+        self.num_masks = num_masks
+        self.eps = eps
+        self.grid = backbone.grid_size(tuple(image.shape[-2:]))
+        #: ``[1, D]`` image embedding (un-normalised), the token's initialisation
+        self.image_embedding: torch.Tensor
+
+    @abc.abstractmethod
+    def maps(self, e: torch.Tensor) -> torch.Tensor:
+        """``e`` ``[N, D]`` (normalised tokens) -> ``[N, H, W]`` maps in [0, 1], differentiable w.r.t. ``e``."""
+
+
+class NaiveStrategy(MapStrategy):
+    """The official algorithm: N image copies, LeGrad with ``create_graph=True``, double backward."""
+
+    name = "naive"
+
+    def __init__(self, backbone, image, layers, num_masks, eps):
+        super().__init__(backbone, image, layers, num_masks, eps)
+        self.images = image.expand(num_masks, -1, -1, -1)
+        self.legrad = LeGrad(self.layers, eps=eps)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`")
+        with torch.enable_grad(), AttentionRecorder(backbone.blocks, self.layers) as rec:
+            tokens = backbone.forward_blocks(backbone.embed_tokens(self.images))
+            self.image_embedding = backbone.pool_tokens(tokens).detach()[:1]
+        self.recorder = rec
+
+    def maps(self, e):
+        return self.legrad.explain(self.backbone, self.images, e, create_graph=True, recorder=self.recorder)
+
+
+class ExplainerStrategy(MapStrategy):
+    """Any differentiable explainer, recomputed from scratch at every step (no reuse, no decomposition)."""
+
+    name = "explainer"
+
+    def __init__(self, backbone, image, layers, num_masks, eps, explainer: Explainer):
+        super().__init__(backbone, image, layers, num_masks, eps)
+        if not explainer.differentiable:
+            raise ValueError(
+                f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
+                "use a differentiable explainer such as LeGrad"
+            )
+        self.explainer = explainer
+        self.image = image
+        with torch.no_grad():
+            self.image_embedding = backbone.encode_image(image)
+
+    def maps(self, e):
+        with torch.enable_grad():
+            return self.explainer(self.backbone, self.image, e, create_graph=True)
+
+
+@dataclass
+class _LayerTerms:
+    """Constants of one block's tail, evaluated once at the image's activations (batch of one)."""
+
+    j_pool: torch.Tensor  # [D, C]  d normalize(head(mean tokens)) / d mean tokens
+    ls2: torch.Tensor | None  # [C]
+    w2: torch.Tensor  # [C, 4C]  fc2 weight
+    act_grad: torch.Tensor  # [T, 4C]  act'(fc1(norm2(x_mid)))
+    w1: torch.Tensor  # [4C, C]  fc1 weight
+    gamma2: torch.Tensor  # [C]
+    xhat: torch.Tensor  # [T, C]  layer-normalised x_mid (before the affine)
+    inv_sigma: torch.Tensor  # [T, 1]
+    ls1: torch.Tensor | None  # [C]
+    w_out: torch.Tensor  # [C, H*dh]
+    v: torch.Tensor  # [H, T, dh]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.xhat.shape[0]
+
+    def d_heads(self, e: torch.Tensor) -> torch.Tensor:
+        """``dO = d s / d (per-head attention outputs)`` for tokens ``e`` ``[N, D]`` -> ``[N, T, H*dh]``."""
+        u = (e @ self.j_pool) / self.num_tokens  # d s / d x_out[t], the same for every token (mean pooling)
+        c2 = u * self.ls2 if self.ls2 is not None else u
+        hidden = (c2 @ self.w2).unsqueeze(1) * self.act_grad  # [N, T, 4C]
+        g = (hidden @ self.w1) * self.gamma2  # [N, T, C]  cotangent of the normalised token, times gamma
+        # layer-norm vector-Jacobian product
+        g = (g - g.mean(-1, keepdim=True) - self.xhat * (g * self.xhat).mean(-1, keepdim=True)) * self.inv_sigma
+        cx = u.unsqueeze(1) + g  # residual path + MLP path
+        if self.ls1 is not None:
+            cx = cx * self.ls1
+        return cx @ self.w_out
+
+    def relevance(self, d_heads: torch.Tensor, num_prefix: int) -> torch.Tensor:
+        """LeGrad relevance ``[N, T - prefix]`` from ``dO`` ``[N, T, H*dh]``: ReLU(dO_h V_h^T), mean over h, rows."""
+        n, t, _ = d_heads.shape
+        h, _, dh = self.v.shape
+        grad_probs = torch.einsum("nthd,hkd->nhtk", d_heads.view(n, t, h, dh), self.v)
+        return grad_probs.clamp_min(0).mean(dim=(1, 2))[:, num_prefix:]
+
+
+def _layer_terms(backbone: Backbone, layer: int, record) -> _LayerTerms:
+    parts = backbone.block_parts(backbone.blocks[layer])
+    out = record.out[0].detach()
+    attn_out = record.attn_out[0].detach()
+    x_mid = record.x_in[0].detach() + (attn_out * parts.ls1 if parts.ls1 is not None else attn_out)
+
+    def head(m: torch.Tensor) -> torch.Tensor:
+        return F.normalize(backbone.legrad_head(m), dim=-1)
+
+    j_pool = torch.func.jacrev(head)(out.mean(dim=0))  # [D, C]
+    norm2 = parts.norm2
+    mu = x_mid.mean(-1, keepdim=True)
+    var = x_mid.var(-1, keepdim=True, unbiased=False)
+    inv_sigma = torch.rsqrt(var + norm2.eps)
+    xhat = (x_mid - mu) * inv_sigma
+    pre_act = parts.fc1(norm2(x_mid))
+    with torch.enable_grad():  # the activation is element-wise: the gradient of its sum is its derivative
+        z = pre_act.detach().requires_grad_(True)
+        (act_grad,) = torch.autograd.grad(parts.act(z).sum(), z)
+    c = x_mid.shape[-1]
+    return _LayerTerms(
+        j_pool=j_pool.detach(),
+        ls2=parts.ls2.detach() if parts.ls2 is not None else None,
+        w2=parts.fc2.weight.detach(),
+        act_grad=act_grad.detach(),
+        w1=parts.fc1.weight.detach(),
+        gamma2=norm2.weight.detach() if norm2.weight is not None else x_mid.new_ones(c),
+        xhat=xhat,
+        inv_sigma=inv_sigma,
+        ls1=parts.ls1.detach() if parts.ls1 is not None else None,
+        w_out=parts.out_proj_weight.detach(),
+        v=record.v[0].detach(),
+    )
+
+
+class PerStepStrategy(MapStrategy):
+    """Explicit first-order formulas for ``G(e)`` evaluated at every step (one image forward, no double backward)."""
+
+    name = "per_step"
+
+    def __init__(self, backbone, image, layers, num_masks, eps):
+        super().__init__(backbone, image, layers, num_masks, eps)
+        with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
+            tokens = backbone.forward_blocks(backbone.embed_tokens(image))
+            self.image_embedding = backbone.pool_tokens(tokens)
+            self.terms = [_layer_terms(backbone, layer, rec.records[layer]) for layer in self.layers]
+
+    def d_heads(self, layer_index: int, e: torch.Tensor) -> torch.Tensor:
+        return self.terms[layer_index].d_heads(e)
+
+    def maps(self, e):
+        total = 0.0
+        for i, terms in enumerate(self.terms):
+            relevance = terms.relevance(self.d_heads(i, e), self.backbone.num_prefix_tokens)
+            total = total + relevance_to_map(relevance, self.grid, self.backbone.patch_size)
+        return min_max(total, self.eps)
+
+
+class PrecomputedStrategy(PerStepStrategy):
+    """``per_step`` with the linear map ``e -> dO`` tabulated once on the D basis vectors (``[D, T*H*dh]``)."""
+
+    name = "precomputed"
+
+    def __init__(self, backbone, image, layers, num_masks, eps, chunk_bytes: int = 256 * 2**20):
+        super().__init__(backbone, image, layers, num_masks, eps)
+        d = backbone.embed_dim
+        self.tables = []
+        with torch.no_grad():
+            for terms in self.terms:
+                t, hidden = terms.act_grad.shape
+                chunk = max(1, chunk_bytes // (4 * t * hidden))
+                eye = torch.eye(d, dtype=terms.w1.dtype, device=terms.w1.device)
+                table = torch.cat([terms.d_heads(eye[i : i + chunk]).flatten(1) for i in range(0, d, chunk)])
+                self.tables.append(table)  # [D, T*H*dh]
+
+    def d_heads(self, layer_index, e):
+        terms = self.terms[layer_index]
+        return (e @ self.tables[layer_index]).view(e.shape[0], terms.num_tokens, -1)
+
+
+STRATEGIES: dict[str, type[MapStrategy]] = {
+    "naive": NaiveStrategy,
+    "per_step": PerStepStrategy,
+    "precomputed": PrecomputedStrategy,
+}
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Multiply-adds and extra memory (bytes) a strategy needs for one inversion (rough, for choosing)."""
+
+    strategy: str
+    macs: float
+    memory: float
+
+
+def estimate_costs(backbone: Backbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
+    """Rough cost of each strategy for ``num_masks`` masks and ``iterations`` steps on a square image.
+
+    Counts the dominant matrix products: the image forward, the MLP/projection/attention products of the block tail
+    per token (``T * (4C*C + C*C) + H*T*T*dh``), a backward at about twice a forward, the N image copies of
+    ``naive``, and the ``D`` basis evaluations of ``precomputed``.
+    """
+    blocks = backbone.blocks
+    parts = backbone.block_parts(blocks[-1])
+    width = parts.out_proj_weight.shape[0]
+    attn_dim = parts.out_proj_weight.shape[1]
+    hidden = parts.fc1.weight.shape[0]
+    h, dh = parts.num_heads, parts.head_dim
+    grid = backbone.grid_size(image_size)
+    t = backbone.num_prefix_tokens + math.prod(grid)
+    d = backbone.embed_dim
+    block = t * (3 * width * attn_dim + attn_dim * width + 2 * width * hidden) + 2 * h * t * t * dh
+    forward = len(blocks) * block
+    tail = t * (hidden * width + width * attn_dim) + h * t * t * dh  # one token vector -> G
+    grad_map = h * t * t * dh  # dO -> G
+    per_step = forward + num_layers * iterations * 3 * num_masks * tail
+    precomputed = forward + num_layers * (d * tail + iterations * 3 * num_masks * (d * t * attn_dim + grad_map))
+    naive = num_masks * (forward + num_layers * iterations * 4 * block)
+    table_bytes = 4.0 * num_layers * d * t * attn_dim
+    return {
+        "naive": CostEstimate("naive", naive, 4.0 * num_masks * t * (width + hidden) * num_layers),
+        "per_step": CostEstimate("per_step", per_step, 4.0 * num_masks * t * hidden * num_layers),
+        "precomputed": CostEstimate("precomputed", precomputed, table_bytes),
+    }
