@@ -64,7 +64,7 @@ class MaskInversionConfig:
         iterations: optimisation steps.
         alpha: weight of the ``1 - cos(LET, image embedding)`` regulariser.
         weight_decay: AdamW weight decay.
-        strategy: ``"auto"``, ``"naive"``, ``"per_step"`` or ``"precomputed"`` (see ``strategies``).
+        strategy: ``"auto"``, ``"naive"``, ``"naive_lean"``, ``"per_step"`` or ``"precomputed"`` (see ``strategies``).
         memory_budget_mb: largest precomputed table ``auto`` may allocate.
         eps: min-max range floor.
     """
@@ -154,7 +154,7 @@ class MaskInversion:
         name = self.plan(image.shape[-1], num_masks)
         if name == "explainer":
             return ExplainerStrategy(self.backbone, image, cfg.layers, num_masks, cfg.eps, explainer=self.explainer)
-        if name != "naive":
+        if not name.startswith("naive"):
             try:
                 self.backbone.block_parts(self.backbone.blocks[cfg.layers[0]])
             except NotImplementedError:
@@ -194,17 +194,19 @@ class MaskInversion:
             return loss, maps, per_mask
 
         history = []
-        with torch.enable_grad():
-            for _ in range(cfg.iterations):
-                loss, _, _ = loss_of(let)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("MaskInversion loss became NaN/inf; check the image and the backbone")
-                (grad,) = torch.autograd.grad(loss, let)
-                let.grad = grad
-                optimizer.step()
-                history.append(loss.detach())
-            # maps of the tokens actually returned (the official code returns those of the previous step)
-            loss, maps, per_mask = loss_of(let)
+        try:
+            with torch.enable_grad():
+                for _ in range(cfg.iterations):
+                    loss, _, _ = loss_of(let)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError("MaskInversion loss became NaN/inf; check the image and the backbone")
+                    let.grad = strategy.gradient(loss, let)
+                    optimizer.step()
+                    history.append(loss.detach())
+                # maps of the tokens actually returned (the official code returns those of the previous step)
+                loss, maps, per_mask = loss_of(let)
+        finally:
+            strategy.close()
         history.append(loss.detach())
         return InversionResult(
             embeddings=let.detach(),

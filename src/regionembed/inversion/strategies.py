@@ -57,18 +57,36 @@ class MapStrategy(abc.ABC):
     def maps(self, e: torch.Tensor) -> torch.Tensor:
         """``e`` ``[N, D]`` (normalised tokens) -> ``[N, H, W]`` maps in [0, 1], differentiable w.r.t. ``e``."""
 
+    def gradient(self, loss: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``loss`` with respect to the optimised ``tokens`` ``[N, D]`` (first order, tokens only)."""
+        (grad,) = torch.autograd.grad(loss, tokens)
+        return grad
+
+    def close(self) -> None:
+        """Release what the strategy holds and undo any change it made to the backbone."""
+
 
 class NaiveStrategy(MapStrategy):
-    """The official algorithm: N image copies, LeGrad with ``create_graph=True``, double backward."""
+    """The official algorithm, step for step: N image copies, LeGrad with ``create_graph=True``, and
+    ``loss.backward()`` with the explained blocks' parameters requiring grad (as the official ``LeWrapper`` sets
+    them), so each step also pays for weight gradients nobody uses. Flags and ``.grad`` are restored afterwards.
+    """
 
     name = "naive"
+    #: the official wrapper leaves the explained blocks trainable; ``naive_lean`` differentiates the tokens only
+    weight_grads = True
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
-        self.images = image.expand(num_masks, -1, -1, -1)
-        self.legrad = LeGrad(self.layers, eps=eps)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`")
+        self.images = image.expand(num_masks, -1, -1, -1)
+        self.legrad = LeGrad(self.layers, eps=eps)
+        self._saved = {p: (p.requires_grad, p.grad) for p in backbone.parameters()}
+        trainable = {id(p) for blk in list(backbone.blocks)[self.layers[0] :] for p in blk.parameters()}
+        for p in backbone.parameters():
+            p.requires_grad_(self.weight_grads and id(p) in trainable)
+            p.grad = None
         with torch.enable_grad(), AttentionRecorder(backbone.blocks, self.layers) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(self.images))
             self.image_embedding = backbone.pool_tokens(tokens).detach()[:1]
@@ -76,6 +94,29 @@ class NaiveStrategy(MapStrategy):
 
     def maps(self, e):
         return self.legrad.explain(self.backbone, self.images, e, create_graph=True, recorder=self.recorder)
+
+    def gradient(self, loss: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.weight_grads:
+            return super().gradient(loss, tokens)
+        for p in self.backbone.parameters():
+            p.grad = None  # the official loop zeroes the model's gradients every step
+        tokens.grad = None
+        loss.backward(retain_graph=True)
+        return tokens.grad
+
+    def close(self) -> None:
+        for p, (flag, grad) in self._saved.items():
+            p.requires_grad_(flag)
+            p.grad = grad
+        self._saved = {}
+        self.recorder = None
+
+
+class NaiveLeanStrategy(NaiveStrategy):
+    """The naive double backward without the official code's weight gradients (token gradients only)."""
+
+    name = "naive_lean"
+    weight_grads = False
 
 
 class ExplainerStrategy(MapStrategy):
@@ -137,8 +178,48 @@ class _LayerTerms:
         """LeGrad relevance ``[N, T - prefix]`` from ``dO`` ``[N, T, H*dh]``: ReLU(dO_h V_h^T), mean over h, rows."""
         n, t, _ = d_heads.shape
         h, _, dh = self.v.shape
-        grad_probs = torch.einsum("nthd,hkd->nhtk", d_heads.view(n, t, h, dh), self.v)
-        return grad_probs.clamp_min(0).mean(dim=(1, 2))[:, num_prefix:]
+        return _ReluMeanGrad.apply(d_heads.view(n, t, h, dh), self.v)[:, num_prefix:]
+
+
+class _ReluMeanGrad(torch.autograd.Function):
+    """``r[n, k] = mean_{h, t} relu(sum_j dO[n, t, h, j] V[h, k, j])`` without keeping ``[N, H, T, T]`` alive.
+
+    The gradient with respect to the attention probabilities is formed chunk by chunk over N, in the forward and
+    again in the backward (recomputation is cheaper than storing N*H*T*T floats). ``V`` is a constant.
+    """
+
+    CHUNK_ELEMENTS = 2**23
+
+    @staticmethod
+    def _grad_probs(d_heads: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(d_heads.transpose(1, 2), v.transpose(-1, -2))  # [n, H, T(query), T(key)]
+
+    @staticmethod
+    def _chunks(d_heads: torch.Tensor):
+        n, t, h, _ = d_heads.shape
+        step = max(1, _ReluMeanGrad.CHUNK_ELEMENTS // (h * t * t))
+        return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+    @staticmethod
+    def forward(ctx, d_heads: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d_heads, v)
+        _, t, h, _ = d_heads.shape
+        out = [
+            _ReluMeanGrad._grad_probs(d_heads[sl], v).clamp_min_(0).sum(dim=(1, 2)) / (h * t)
+            for sl in _ReluMeanGrad._chunks(d_heads)
+        ]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        d_heads, v = ctx.saved_tensors
+        _, t, h, _ = d_heads.shape
+        grads = []
+        for sl in _ReluMeanGrad._chunks(d_heads):
+            active = _ReluMeanGrad._grad_probs(d_heads[sl], v) > 0
+            d_probs = active * (grad_out[sl] / (h * t))[:, None, None, :]
+            grads.append(torch.matmul(d_probs, v).transpose(1, 2))  # [n, T, H, dh]
+        return torch.cat(grads), None
 
 
 def _layer_terms(backbone: Backbone, layer: int, record) -> _LayerTerms:
@@ -223,6 +304,7 @@ class PrecomputedStrategy(PerStepStrategy):
 
 STRATEGIES: dict[str, type[MapStrategy]] = {
     "naive": NaiveStrategy,
+    "naive_lean": NaiveLeanStrategy,
     "per_step": PerStepStrategy,
     "precomputed": PrecomputedStrategy,
 }
@@ -259,10 +341,11 @@ def estimate_costs(backbone: Backbone, image_size: int, num_masks: int, iteratio
     grad_map = h * t * t * dh  # dO -> G
     per_step = forward + num_layers * iterations * 3 * num_masks * tail
     precomputed = forward + num_layers * (d * tail + iterations * 3 * num_masks * (d * t * attn_dim + grad_map))
-    naive = num_masks * (forward + num_layers * iterations * 4 * block)
+    naive = num_masks * (forward + num_layers * iterations * 6 * block)
     table_bytes = 4.0 * num_layers * d * t * attn_dim
     return {
         "naive": CostEstimate("naive", naive, 4.0 * num_masks * t * (width + hidden) * num_layers),
+        "naive_lean": CostEstimate("naive_lean", naive * 2 / 3, 4.0 * num_masks * t * (width + hidden) * num_layers),
         "per_step": CostEstimate("per_step", per_step, 4.0 * num_masks * t * hidden * num_layers),
         "precomputed": CostEstimate("precomputed", precomputed, table_bytes),
     }
