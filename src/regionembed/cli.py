@@ -1,0 +1,100 @@
+"""LightningCLI entry points: ``python infer.py`` (test/predict, plus ``single``) and ``python train.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import InversionWriter
+
+__all__ = ["InferCLI", "TrainCLI", "infer_main", "train_main"]
+
+DEFAULT_INFER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "infer" / "maskinversion.yaml"
+
+
+class InferCLI(LightningCLI):
+    """``test`` and ``predict`` with inference mode off (MaskInversion optimises inside the loop) and a writer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", {})
+        kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs["trainer_defaults"]}
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
+                         subclass_mode_data=True, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": {"model", "dataloaders", "datamodule"}, "predict": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(InversionWriter, "writer")
+        parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})
+
+
+class TrainCLI(LightningCLI):
+    """``fit``/``validate``/``test`` for the trainable baselines (any LightningModule given by class path)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
+                         subclass_mode_data=True, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "test": {"model", "dataloaders", "datamodule"},
+        }
+
+
+def single_args(argv: Sequence[str]) -> list[str]:
+    """Translate ``single IMAGE MASK... [--prompts ...]`` into ``predict`` arguments of :class:`InferCLI`."""
+    parser = argparse.ArgumentParser(
+        prog="infer.py single",
+        description="MaskInversion on one image: embeddings, overlays and prompt matching in --output.",
+    )
+    parser.add_argument("image", help="image file")
+    parser.add_argument("masks", nargs="+", help="mask files (grey or RGBA PNG, 0/255 or 0/1), same size as image")
+    parser.add_argument("--prompts", nargs="*", default=None, help="texts to match each region against")
+    parser.add_argument("--output", default="outputs/single", help="output directory")
+    parser.add_argument("--config", default=str(DEFAULT_INFER_CONFIG), help="base config (model, trainer)")
+    args, overrides = parser.parse_known_args(list(argv))
+    out = [
+        "predict",
+        f"--config={args.config}",
+        "--data=regionembed.data.RegionFolderDataModule",
+        "--data.root=null",
+        f"--data.image={args.image}",
+        f"--data.masks={json.dumps(list(args.masks))}",
+        f"--writer.output_dir={args.output}",
+        "--return_predictions=false",
+    ]
+    if args.prompts:
+        out.append(f"--model.init_args.prompts={json.dumps(list(args.prompts))}")
+    return out + overrides
+
+
+def infer_main(argv: Sequence[str] | None = None) -> InferCLI:
+    """``python infer.py {test,predict} --config ...`` or ``python infer.py single IMAGE MASK...``."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "single":
+        argv = single_args(argv[1:])
+    if from_command_line:
+        sys.argv = sys.argv[:1]  # the arguments are passed explicitly below
+    return InferCLI(args=argv)
+
+
+def train_main(argv: Sequence[str] | None = None) -> TrainCLI:
+    """``python train.py {fit,validate,test} --config ...``."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    return TrainCLI(args=None if argv is None else list(argv))

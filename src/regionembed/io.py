@@ -1,0 +1,166 @@
+"""Reading images and masks with clear errors, preprocessing for a backbone, and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from .backbones.base import PreprocessSpec
+
+__all__ = [
+    "atomic_write",
+    "load_image",
+    "load_mask",
+    "preprocess_image",
+    "save_json",
+    "save_safetensors",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB; raise ``ValueError`` naming the file if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: truncated or corrupt files fail here, not later in a worker
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def mask_from_pil(img: Image.Image, name: str = "mask") -> np.ndarray:
+    """Convert a PIL mask to float32 ``[H, W]`` in [0, 1].
+
+    Rules: RGBA/LA masks use the alpha channel when it varies (a cut-out), else their grey levels; RGB masks are
+    converted to grey; palette masks are foreground where the index is non-zero; 8-bit values are 0/255 or 0/1
+    (divided by 255 when the maximum exceeds 1); 16-bit by 65535. Non-binary values are kept as soft targets.
+    """
+    mode = img.mode
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(img.getchannel("A"))
+        if alpha.min() != alpha.max():
+            arr = alpha.astype(np.float32)
+        else:
+            arr = np.asarray(img.convert("L")).astype(np.float32)
+    elif mode == "P":
+        arr = (np.asarray(img) != 0).astype(np.float32)
+    elif mode == "1":
+        arr = np.asarray(img).astype(np.float32)
+    elif mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.float32)
+        arr = arr / 65535.0 if arr.max() > 255 else arr
+    elif mode == "F":
+        arr = np.asarray(img).astype(np.float32)
+    else:
+        arr = np.asarray(img.convert("L")).astype(np.float32)
+    if arr.max() > 1.0:
+        arr = arr / 255.0
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if arr.min() < 0 or arr.max() > 1:
+        raise ValueError(f"{name} has values outside [0, 1] after scaling: [{arr.min():g}, {arr.max():g}]")
+    return arr
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask file (grey, RGB, RGBA, palette; 0/255 or 0/1) as float32 ``[H, W]`` in [0, 1].
+
+    Args:
+        path: the mask file.
+        size: ``(width, height)`` of the image the mask belongs to; a mask of another size is an error.
+
+    Raises:
+        ValueError: unreadable file, size mismatch, or an empty (all-zero) mask.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = mask_from_pil(img, name=f"mask {path}")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read mask {path}: {err}") from err
+    if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise ValueError(
+            f"mask {path} is {arr.shape[1]}x{arr.shape[0]} but its image is {size[0]}x{size[1]} (width x height)"
+        )
+    if arr.max() <= 0:
+        raise ValueError(f"mask {path} is empty (all zeros): there is no region to invert")
+    return arr
+
+
+def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """Square resize to the model's size (no crop, as the official MaskInversion), to tensor, normalise.
+
+    Returns:
+        ``[3, S, S]`` float tensor.
+    """
+    interpolation = {
+        "bicubic": v2.InterpolationMode.BICUBIC,
+        "bilinear": v2.InterpolationMode.BILINEAR,
+        "nearest": v2.InterpolationMode.NEAREST,
+    }.get(spec.interpolation, v2.InterpolationMode.BICUBIC)
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((spec.size, spec.size), interpolation=interpolation, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
+        ]
+    )
+    return transform(image)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Write to a temporary file beside ``path`` and move it into place only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Atomically write tensors (made contiguous, on CPU) to a safetensors file."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Atomically write a uint8 ``[H, W]`` or ``[H, W, 3]`` array as PNG."""
+    with atomic_write(path, "wb") as fh:
+        Image.fromarray(array).save(fh, format="PNG")
