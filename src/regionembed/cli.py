@@ -65,11 +65,13 @@ def single_args(argv: Sequence[str]) -> list[str]:
     parser.add_argument("masks", nargs="+", help="mask files (grey or RGBA PNG, 0/255 or 0/1), same size as image")
     parser.add_argument("--prompts", nargs="*", default=None, help="texts to match each region against")
     parser.add_argument("--output", default="outputs/single", help="output directory")
-    parser.add_argument("--config", default=str(DEFAULT_INFER_CONFIG), help="base config (model, trainer)")
+    parser.add_argument(
+        "--config", action="append", default=None, help="config file(s), stacked in order (default: maskinversion)"
+    )
     args, overrides = parser.parse_known_args(list(argv))
     out = [
         "predict",
-        f"--config={args.config}",
+        *(f"--config={c}" for c in (args.config or [str(DEFAULT_INFER_CONFIG)])),
         "--data=regionembed.data.RegionFolderDataModule",
         "--data.root=null",
         f"--data.image={args.image}",

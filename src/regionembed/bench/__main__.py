@@ -1,0 +1,19 @@
+"""``python -m regionembed.bench <benchmark> [...]``: benchmarks that print JSON records and a markdown table."""
+
+import sys
+
+BENCHMARKS = ("inversion",)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        sys.exit(f"usage: python -m regionembed.bench {{{','.join(BENCHMARKS)}}} [options]")
+    name = sys.argv[1]
+    if name == "inversion":
+        from .inversion import main as run
+
+        run(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

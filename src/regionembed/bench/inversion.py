@@ -1,0 +1,138 @@
+"""Benchmark of the MaskInversion map strategies: wall time, time per mask, peak memory.
+
+Every case runs in a fresh subprocess (so peak memory is that case's own) on the same randomly initialised model,
+image and masks; all cases of one invocation run side by side on the same machine, so their ratios are comparable.
+
+    python -m regionembed.bench inversion --model ViT-B-16 --masks 1 16 100 --iterations 10 --sizes 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from itertools import product
+
+STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, seed: int = 0) -> dict:
+    """Time one inversion in this process; returns a JSON-able record."""
+    import torch
+
+    from regionembed.backbones import OpenCLIPBackbone
+    from regionembed.inversion import MaskInversion
+
+    torch.manual_seed(seed)
+    backbone = OpenCLIPBackbone(model, image_size=size).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, size, size, generator=g)
+    target = torch.zeros(masks, size, size)
+    for i in range(masks):  # rectangles of varied size and place
+        y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
+        target[i, y : y + h, x : x + w] = 1
+    solver = MaskInversion(backbone, strategy=strategy, iterations=iterations)
+    MaskInversion(backbone, strategy=strategy, iterations=1)(image, target[:1])  # warm-up: allocator, kernels
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    result = solver(image, target)
+    wall = time.perf_counter() - start
+    return {
+        "model": model,
+        "image_size": size,
+        "masks": masks,
+        "iterations": iterations,
+        "strategy": strategy,
+        "ran": result.strategy,
+        "wall_s": round(wall, 4),
+        "s_per_mask": round(wall / masks, 5),
+        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_over_baseline_mb": round(_rss_mb() - baseline, 1),
+        "final_loss": round(float(result.loss_history[-1]), 6),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _spawn(case: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "regionembed.bench", "inversion", "--case", json.dumps(case)]
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timeout after {timeout:.0f}s"}
+    if proc.returncode != 0:
+        return {**case, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Add speed-up over ``naive`` (same masks/iterations/size) and the marginal time of one more mask."""
+    naive = {(r["masks"], r["iterations"], r["image_size"]): r["wall_s"] for r in records if r["strategy"] == "naive"}
+    by_strategy: dict[tuple, list[dict]] = {}
+    for r in records:
+        if "wall_s" not in r:
+            continue
+        key = (r["masks"], r["iterations"], r["image_size"])
+        if key in naive:
+            r["speedup_vs_naive"] = round(naive[key] / r["wall_s"], 2)
+        by_strategy.setdefault((r["strategy"], r["iterations"], r["image_size"]), []).append(r)
+    for rows in by_strategy.values():
+        rows.sort(key=lambda r: r["masks"])
+        for prev, cur in zip(rows, rows[1:], strict=False):
+            cur["marginal_s_per_mask"] = round((cur["wall_s"] - prev["wall_s"]) / (cur["masks"] - prev["masks"]), 5)
+    return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    head = "| size | masks | iters | strategy | wall s | s/mask | +1 mask s | peak MB over baseline | vs naive |"
+    lines = [head, "|" + "---|" * 9]
+    for r in records:
+        if "wall_s" not in r:
+            lines.append(f"| {r['image_size']} | {r['masks']} | {r['iterations']} | {r['strategy']} | {r['error']} |")
+            continue
+        name = r["strategy"] if r["strategy"] != "auto" else f"auto ({r['ran']})"
+        lines.append(
+            f"| {r['image_size']} | {r['masks']} | {r['iterations']} | {name} | {r['wall_s']:.2f} | "
+            f"{r['s_per_mask']:.3f} | {r.get('marginal_s_per_mask', float('nan')):.3f} | "
+            f"{r['peak_over_baseline_mb']:.0f} | {r.get('speedup_vs_naive', float('nan')):.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m regionembed.bench inversion", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights)")
+    parser.add_argument("--masks", type=int, nargs="+", default=[1, 16, 100])
+    parser.add_argument("--iterations", type=int, nargs="+", default=[10])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_ORDER[:4]), choices=STRATEGY_ORDER)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    parser.add_argument("--output", default=None, help="also write the records as JSON here")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in-process
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(**json.loads(args.case))))
+        return
+    records = []
+    for size, iterations, masks, strategy in product(args.sizes, args.iterations, args.masks, args.strategies):
+        case = {"model": args.model, "size": size, "masks": masks, "iterations": iterations, "strategy": strategy}
+        record = _spawn(case, args.timeout)
+        record.setdefault("image_size", size)
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    summarize(records)
+    print(markdown_table(records))
+    if args.output:
+        from regionembed.io import save_json
+
+        save_json({"command": " ".join(["python -m regionembed.bench inversion", *(argv or sys.argv[2:])]),
+                   "records": records}, args.output)
