@@ -26,8 +26,9 @@ class InferCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {})
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs["trainer_defaults"]}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
-                         subclass_mode_data=True, **kwargs)
+        super().__init__(
+            L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+        )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -43,8 +44,9 @@ class TrainCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
-                         subclass_mode_data=True, **kwargs)
+        super().__init__(
+            L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+        )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

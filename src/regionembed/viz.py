@@ -16,9 +16,7 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return np.concatenate([r, g, b], axis=-1)
 
 
-def overlay_map(
-    image: Image.Image, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5, mask=None
-) -> np.ndarray:
+def overlay_map(image: Image.Image, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5, mask=None) -> np.ndarray:
     """Blend a ``[h, w]`` map in [0, 1] (resized to the image) over an RGB image; optionally outline a mask.
 
     Returns:

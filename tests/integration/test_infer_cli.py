@@ -36,8 +36,16 @@ def _check_image_output(folder: Path, regions: list[str], prompts: list[str] | N
 
 def test_predict_over_a_folder(region_folder, tmp_path):
     out = tmp_path / "out"
-    infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", f"--data.root={region_folder}",
-                f"--writer.output_dir={out}", *FAST])
+    infer_main(
+        [
+            "predict",
+            f"--config={CONFIG}",
+            f"--config={TINY}",
+            f"--data.root={region_folder}",
+            f"--writer.output_dir={out}",
+            *FAST,
+        ]
+    )
     for image in ("a", "b"):
         _check_image_output(out / image, ["grey", "rgba", "zero_one"])
 
@@ -45,31 +53,71 @@ def test_predict_over_a_folder(region_folder, tmp_path):
 def test_single_image_form_with_prompts(region_folder, tmp_path):
     out = tmp_path / "single"
     masks = region_folder / "masks" / "a"
-    infer_main(["single", str(region_folder / "images" / "a.png"), str(masks / "grey.png"), str(masks / "rgba.png"),
-                "--prompts", "a red square", "a blue circle", "--output", str(out), "--config", CONFIG,
-                "--config", TINY, *FAST])
+    infer_main(
+        [
+            "single",
+            str(region_folder / "images" / "a.png"),
+            str(masks / "grey.png"),
+            str(masks / "rgba.png"),
+            "--prompts",
+            "a red square",
+            "a blue circle",
+            "--output",
+            str(out),
+            "--config",
+            CONFIG,
+            "--config",
+            TINY,
+            *FAST,
+        ]
+    )
     manifest = _check_image_output(out / "a", ["grey", "rgba"], prompts=["a red square", "a blue circle"])
     assert manifest["prompts"] == ["a red square", "a blue circle"]
 
 
 def test_test_subcommand_logs_metrics(region_folder, tmp_path):
-    cli = infer_main(["test", f"--config={CONFIG}", f"--config={TINY}", f"--data.root={region_folder}",
-                      f"--writer.output_dir={tmp_path}", *FAST])
+    cli = infer_main(
+        [
+            "test",
+            f"--config={CONFIG}",
+            f"--config={TINY}",
+            f"--data.root={region_folder}",
+            f"--writer.output_dir={tmp_path}",
+            *FAST,
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     assert {"test/mask_dice", "test/map_iou", "test/loss_drop"} <= set(metrics)
     assert 0 <= float(metrics["test/mask_dice"]) <= 1
 
 
 def test_inference_mode_true_is_refused_clearly(region_folder, tmp_path):
-    with pytest.raises(RuntimeError, match="trainer.inference_mode: false"):
-        infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", f"--data.root={region_folder}",
-                    f"--writer.output_dir={tmp_path}", "--trainer.inference_mode=true", *FAST])
+    with pytest.raises(RuntimeError, match=r"trainer\.inference_mode: false"):
+        infer_main(
+            [
+                "predict",
+                f"--config={CONFIG}",
+                f"--config={TINY}",
+                f"--data.root={region_folder}",
+                f"--writer.output_dir={tmp_path}",
+                "--trainer.inference_mode=true",
+                *FAST,
+            ]
+        )
 
 
 def test_mask_of_wrong_size_names_the_file(region_folder, tmp_path):
     from PIL import Image
 
     Image.new("L", (5, 5), 255).save(region_folder / "masks" / "a" / "small.png")
-    with pytest.raises(ValueError, match="small.png is 5x5 but its image is 56x40"):
-        infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", f"--data.root={region_folder}",
-                    f"--writer.output_dir={tmp_path}", *FAST])
+    with pytest.raises(ValueError, match=r"small\.png is 5x5 but its image is 56x40"):
+        infer_main(
+            [
+                "predict",
+                f"--config={CONFIG}",
+                f"--config={TINY}",
+                f"--data.root={region_folder}",
+                f"--writer.output_dir={tmp_path}",
+                *FAST,
+            ]
+        )

@@ -54,23 +54,22 @@ def test_unsupported_library_version_is_loud(tiny_backbone, monkeypatch):
     import open_clip
 
     monkeypatch.setattr(open_clip, "__version__", "2.23.0")
-    with pytest.raises(UnsupportedModelError, match="open_clip 2.23.0 is not supported"):
+    with pytest.raises(UnsupportedModelError, match=r"open_clip 2\.23\.0 is not supported"):
         AttentionRecorder(tiny_backbone.blocks, layers=[-1]).__enter__()
     for blk in tiny_backbone.blocks:  # a failed attach leaves nothing behind
         assert "forward" not in blk.attn.__dict__
 
 
 def test_unsupported_block_and_bad_layer(tiny_backbone):
-    with pytest.raises(UnsupportedModelError, match="not supported"):
-        with AttentionRecorder([torch.nn.Linear(2, 2)], layers=[0]):
-            pass
+    with pytest.raises(UnsupportedModelError, match="not supported"), AttentionRecorder([torch.nn.Linear(2, 2)], [0]):
+        pass
     with pytest.raises(ValueError, match="out of range"):
         AttentionRecorder(tiny_backbone.blocks, layers=[5])
 
 
 def test_nested_recorders_refused(tiny_backbone):
-    with AttentionRecorder(tiny_backbone.blocks, layers=[-1]):
-        with pytest.raises(RuntimeError, match="already instrumented"):
-            with AttentionRecorder(tiny_backbone.blocks, layers=[-1]):
-                pass
+    outer = AttentionRecorder(tiny_backbone.blocks, layers=[-1])
+    inner = AttentionRecorder(tiny_backbone.blocks, layers=[-1])
+    with outer, pytest.raises(RuntimeError, match="already instrumented"), inner:
+        pass
     assert "forward" not in tiny_backbone.blocks[-1].attn.__dict__

@@ -53,12 +53,12 @@ def test_mask_errors(tmp_path):
 
 def test_corrupt_and_truncated_images(tmp_path):
     (tmp_path / "garbage.jpg").write_bytes(os.urandom(64))
-    with pytest.raises(ValueError, match="cannot read image .*garbage.jpg"):
+    with pytest.raises(ValueError, match=r"cannot read image .*garbage\.jpg"):
         load_image(tmp_path / "garbage.jpg")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
     data = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read image .*cut.png"):
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.png"):
         load_image(tmp_path / "cut.png")
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "nope.png")

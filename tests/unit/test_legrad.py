@@ -41,7 +41,7 @@ def _reference_map(backbone, image, e, layers, eps=1e-6):
         h, t = block.attn.num_heads, x_in.shape[1]
         n = h * t * t
         basis = torch.eye(n, dtype=torch.float64).view(n, h, t, t)
-        grad = (_block_score(block, visual, x_in, e, eps * basis) - _block_score(block, visual, x_in, e, -eps * basis))
+        grad = _block_score(block, visual, x_in, e, eps * basis) - _block_score(block, visual, x_in, e, -eps * basis)
         grad = (grad / (2 * eps)).view(h, t, t).numpy()
         rel = np.maximum(grad, 0).mean(axis=(0, 1))[1:].reshape(1, 1, grid, grid)
         up = F.interpolate(torch.from_numpy(rel), scale_factor=backbone.patch_size, mode="bilinear")[0, 0].numpy()

@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_masks
 
+from conftest import make_masks
 from regionembed.explainers import Explainer, LeGrad
 from regionembed.inversion import MaskInversion, MaskInversionConfig, check_masks
 from regionembed.losses import dice_loss
@@ -83,7 +83,7 @@ def test_bad_images(tiny_backbone):
 
 
 def test_inference_mode_names_the_trainer_flag(tiny_backbone):
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="trainer.inference_mode: false"):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"trainer\.inference_mode: false"):
         MaskInversion(tiny_backbone)(torch.randn(1, 3, 32, 32), make_masks(1, 8, 8))
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_masks
 
+from conftest import make_masks
 from regionembed.inversion import MaskInversion
 from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy
 

@@ -49,7 +49,10 @@ class TimmBackbone(Backbone):
         elif pretrained is True:
             if hub_offline() and not os.environ.get("HF_HUB_OFFLINE"):
                 raise PretrainedWeightsUnavailable(
-                    offline_message(f"timm weights {model_name}", f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')")
+                    offline_message(
+                        f"timm weights {model_name}",
+                        f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')",
+                    )
                 )
             load = True
         else:

@@ -15,7 +15,7 @@ import resource
 import subprocess
 import sys
 import time
-from itertools import product
+from itertools import pairwise, product
 
 STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto")
 
@@ -87,7 +87,7 @@ def summarize(records: list[dict]) -> list[dict]:
         by_strategy.setdefault((r["strategy"], r["iterations"], r["image_size"]), []).append(r)
     for rows in by_strategy.values():
         rows.sort(key=lambda r: r["masks"])
-        for prev, cur in zip(rows, rows[1:], strict=False):
+        for prev, cur in pairwise(rows):
             cur["marginal_s_per_mask"] = round((cur["wall_s"] - prev["wall_s"]) / (cur["masks"] - prev["masks"]), 5)
     return records
 
@@ -134,5 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         from regionembed.io import save_json
 
-        save_json({"command": " ".join(["python -m regionembed.bench inversion", *(argv or sys.argv[2:])]),
-                   "records": records}, args.output)
+        save_json(
+            {
+                "command": " ".join(["python -m regionembed.bench inversion", *(argv or sys.argv[2:])]),
+                "records": records,
+            },
+            args.output,
+        )

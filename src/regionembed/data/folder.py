@@ -51,7 +51,9 @@ class ImageMaskDataset(Dataset):
     image's original resolution, ``mask_names`` (N strings), ``image_id``, ``image_path``, ``size`` ``(W, H)``.
     """
 
-    def __init__(self, items: Sequence[tuple[str | os.PathLike, Sequence[str | os.PathLike]]], preprocess: PreprocessSpec):
+    def __init__(
+        self, items: Sequence[tuple[str | os.PathLike, Sequence[str | os.PathLike]]], preprocess: PreprocessSpec
+    ):
         if not items:
             raise ValueError("ImageMaskDataset needs at least one image")
         self.items = [(Path(img), [Path(m) for m in masks]) for img, masks in items]

@@ -8,7 +8,6 @@ embedding. The model stays frozen; only the N tokens are optimised, together, in
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone
 from ..explainers.base import Explainer, min_max, relevance_to_map
-from ..explainers.legrad import LeGrad, legrad_layer_features
+from ..explainers.legrad import LeGrad
 
 __all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "estimate_costs"]
 
@@ -62,7 +62,7 @@ class MapStrategy(abc.ABC):
         (grad,) = torch.autograd.grad(loss, tokens)
         return grad
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most strategies change nothing
         """Release what the strategy holds and undo any change it made to the backbone."""
 
 
@@ -79,7 +79,9 @@ class NaiveStrategy(MapStrategy):
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`")
+            raise RuntimeError(
+                "MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`"
+            )
         self.images = image.expand(num_masks, -1, -1, -1)
         self.legrad = LeGrad(self.layers, eps=eps)
         self._saved = {p: (p.requires_grad, p.grad) for p in backbone.parameters()}
