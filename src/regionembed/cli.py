@@ -89,12 +89,15 @@ def single_args(argv: Sequence[str]) -> list[str]:
 def infer_main(argv: Sequence[str] | None = None) -> InferCLI:
     """``python infer.py {test,predict} --config ...`` or ``python infer.py single IMAGE MASK...``."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        # Read sys.argv through LightningCLI (args=None): DDP launchers re-run this script with sys.argv, so the
+        # translated single-image arguments are written back there.
+        if sys.argv[1:2] == ["single"]:
+            sys.argv = [sys.argv[0], *single_args(sys.argv[2:])]
+        return InferCLI(args=None)
+    argv = list(argv)
     if argv and argv[0] == "single":
         argv = single_args(argv[1:])
-    if from_command_line:
-        sys.argv = sys.argv[:1]  # the arguments are passed explicitly below
     return InferCLI(args=argv)
 
 
