@@ -29,6 +29,9 @@ fi
 }
 
 "$PYTHON" scripts/compare_official.py prepare --workdir "$WORKDIR"
-"$OFFICIAL_VENV/bin/python" scripts/compare_official.py official --workdir "$WORKDIR"
-"$PYTHON" scripts/compare_official.py ours --workdir "$WORKDIR"
+# float32 is the comparison proper; float64 separates algorithmic differences from float32 rounding
+for DTYPE in float32 float64; do
+    "$OFFICIAL_VENV/bin/python" scripts/compare_official.py official --workdir "$WORKDIR" --dtype "$DTYPE"
+    "$PYTHON" scripts/compare_official.py ours --workdir "$WORKDIR" --dtype "$DTYPE"
+done
 "$PYTHON" scripts/compare_official.py compare --workdir "$WORKDIR"

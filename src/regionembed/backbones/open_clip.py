@@ -15,7 +15,14 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_message, resolve_local_file
+from .weights import (
+    PretrainedWeightsUnavailable,
+    hub_offline,
+    load_lightning_backbone_state,
+    looks_like_path,
+    offline_message,
+    resolve_local_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,12 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
     if pretrained is None or pretrained == "":
         return open_clip.create_model(model_name, pretrained=None)
     if looks_like_path(pretrained):
-        return open_clip.create_model(model_name, pretrained=resolve_local_file(pretrained), cache_dir=cache_dir)
+        path = resolve_local_file(pretrained)
+        if path.endswith(".ckpt"):  # a regionembed Lightning checkpoint (e.g. from train.py fit)
+            model = open_clip.create_model(model_name, pretrained=None)
+            model.load_state_dict(load_lightning_backbone_state(path), strict=True)
+            return model
+        return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         raise ValueError(

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 HUB_HOST = "huggingface.co"
 
 
@@ -29,6 +29,23 @@ def resolve_local_file(pretrained: str) -> str:
             f"unsupported weights file {path}: expected one of {', '.join(WEIGHT_SUFFIXES)}"
         )
     return str(path)
+
+
+def load_lightning_backbone_state(path: str, prefix: str = "backbone.model.") -> dict:
+    """The backbone weights inside a regionembed Lightning checkpoint (loaded with ``weights_only=True``)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise PretrainedWeightsUnavailable(f"cannot load checkpoint {path} safely (weights_only=True): {err}") from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise PretrainedWeightsUnavailable(f"{path} is not a Lightning checkpoint with a state_dict")
+    found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not found:
+        raise PretrainedWeightsUnavailable(f"{path} holds no weights under {prefix!r}")
+    return found
 
 
 def hub_offline(timeout: float = 3.0) -> bool:

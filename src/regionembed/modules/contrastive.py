@@ -1,0 +1,123 @@
+"""Contrastive (CLIP) training of an open_clip model, e.g. a tiny CLIP from scratch on the synthetic world."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from open_clip import ClipLoss
+
+from ..backbones.base import Backbone
+from ..io import save_safetensors
+
+__all__ = ["ContrastiveModule", "cosine_with_warmup", "param_groups"]
+
+log = logging.getLogger(__name__)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's convention: no weight decay on biases, norms, embeddings' gains and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ContrastiveModule(L.LightningModule):
+    """Symmetric InfoNCE over (image, caption) pairs with features gathered across ranks (open_clip ``ClipLoss``).
+
+    Batches are dicts with ``image`` ``[B, 3, S, S]`` and ``caption`` (B strings, tokenised here).
+
+    Args:
+        backbone: an open_clip backbone (image and text towers, ``logit_scale``).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not on biases, norms, logit scale).
+        warmup_steps: linear warmup steps before the cosine decay.
+        betas: AdamW betas.
+        export_path: when set, the backbone's weights are written there (safetensors, atomic) at the end of fit, so
+            any module can load them with ``OpenCLIPBackbone(..., pretrained=export_path)``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        betas: tuple[float, float] = (0.9, 0.98),
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.loss_fn: ClipLoss | None = None
+
+    def setup(self, stage: str) -> None:
+        # rank and world size exist only once the trainer is attached (see STYLE: build them in setup)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self.loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
+
+    def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.backbone.encode_image(batch["image"], normalize=True)
+        tokens = self.backbone.tokenize(batch["caption"]).to(self.device)
+        text = self.backbone.encode_text(tokens, normalize=True)
+        return image, text
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image, text = self._features(batch)
+        scale = self.backbone.logit_scale.exp()
+        loss = self.loss_fn(image, text, scale)
+        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        self.log("train/logit_scale", scale, batch_size=image.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image, text = self._features(batch)
+        logits = self.backbone.logit_scale.exp() * image @ text.T
+        labels = torch.arange(len(image), device=self.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=image.shape[0])
+        self.log("val/i2t_top1_in_batch", acc, sync_dist=True, batch_size=image.shape[0])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():  # as open_clip: keep the temperature within [1, 100]
+            self.backbone.logit_scale.clamp_(0, math.log(100))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self.backbone, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, hp.warmup_steps, total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @rank_zero_only
+    def _export(self) -> None:
+        path = Path(self.hparams.export_path)
+        state = {k: v for k, v in self.backbone.model.state_dict().items()}
+        save_safetensors(state, path, metadata={"model_name": getattr(self.backbone, "model_name", "")})
+        log.info("exported backbone weights to %s", path)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_path:
+            self._export()
