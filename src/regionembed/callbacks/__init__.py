@@ -1,5 +1,6 @@
-"""Callbacks: prediction writers (and, later, W&B media)."""
+"""Callbacks: prediction writers and W&B media."""
 
+from .wandb_media import WandbRegionMedia
 from .writer import InversionWriter, write_inversion
 
-__all__ = ["InversionWriter", "write_inversion"]
+__all__ = ["InversionWriter", "WandbRegionMedia", "write_inversion"]

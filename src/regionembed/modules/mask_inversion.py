@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
 from ..inversion import MaskInversion
+from ..text import encode_prompts
 
 __all__ = ["MaskInversionModule", "require_grad_mode"]
 
@@ -86,13 +87,8 @@ class MaskInversionModule(L.LightningModule):
         if not self.prompts:
             return None
         if self._text_cache is None or self._text_cache[0] != self.device:
-            with torch.no_grad():
-                rows = []
-                for prompt in self.prompts:
-                    texts = [t.format(prompt) for t in self.prompt_templates]
-                    emb = self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device), normalize=True)
-                    rows.append(F.normalize(emb.mean(0), dim=-1))
-            self._text_cache = (self.device, torch.stack(rows))
+            embeddings = encode_prompts(self.backbone, self.prompts, self.prompt_templates, device=self.device)
+            self._text_cache = (self.device, embeddings)
         return self._text_cache[1]
 
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +125,10 @@ class MaskInversionModule(L.LightningModule):
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
         require_grad_mode()
+        results = []
         for sample in batch:
             res = self.invert(sample)
+            results.append(res)
             masks = res["masks"]
             maps = res["maps"]
             inter = ((maps > 0.5) & (masks > 0.5)).flatten(1).sum(1).float()
@@ -139,6 +137,7 @@ class MaskInversionModule(L.LightningModule):
             self.test_metrics["map_iou"].update(inter / union)
             self.test_metrics["loss_drop"].update(res["loss_history"][0] - res["loss_history"][-1])
         self.log_dict(self.test_metrics, batch_size=len(batch))
+        return results
 
     def configure_optimizers(self):
         return None
