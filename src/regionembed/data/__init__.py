@@ -1,5 +1,26 @@
 """LightningDataModules and datasets."""
 
+from .coco import CocoRegions
+from .collate import collate_regions_batch
 from .folder import ImageMaskDataset, RegionFolderDataModule, collate_regions, scan_folder
+from .modules import CocoRegionDataModule, RefCocoDataModule, RegionDataModule, VocBoxDataModule
+from .refcoco import RefCocoExpressions
+from .transforms import RegionTransform, build_transform
+from .voc import VocBoxes
 
-__all__ = ["ImageMaskDataset", "RegionFolderDataModule", "collate_regions", "scan_folder"]
+__all__ = [
+    "CocoRegionDataModule",
+    "CocoRegions",
+    "ImageMaskDataset",
+    "RefCocoDataModule",
+    "RefCocoExpressions",
+    "RegionDataModule",
+    "RegionFolderDataModule",
+    "RegionTransform",
+    "VocBoxDataModule",
+    "VocBoxes",
+    "build_transform",
+    "collate_regions",
+    "collate_regions_batch",
+    "scan_folder",
+]
