@@ -5,6 +5,15 @@ from .collate import collate_regions_batch
 from .folder import ImageMaskDataset, RegionFolderDataModule, collate_regions, scan_folder
 from .modules import CocoRegionDataModule, RefCocoDataModule, RegionDataModule, VocBoxDataModule
 from .refcoco import RefCocoExpressions
+from .synthetic import (
+    SyntheticCaptions,
+    SyntheticReferring,
+    SyntheticRegions,
+    SyntheticTriplets,
+    SyntheticWorld,
+    WorldConfig,
+)
+from .synthetic_module import SyntheticDataModule, TransformedDataset
 from .transforms import RegionTransform, build_transform
 from .voc import VocBoxes
 
@@ -17,8 +26,16 @@ __all__ = [
     "RegionDataModule",
     "RegionFolderDataModule",
     "RegionTransform",
+    "SyntheticCaptions",
+    "SyntheticDataModule",
+    "SyntheticReferring",
+    "SyntheticRegions",
+    "SyntheticTriplets",
+    "SyntheticWorld",
+    "TransformedDataset",
     "VocBoxDataModule",
     "VocBoxes",
+    "WorldConfig",
     "build_transform",
     "collate_regions",
     "collate_regions_batch",

@@ -18,12 +18,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones.base import PreprocessSpec
 from .coco import CocoRegions
 from .collate import collate_regions_batch
 from .refcoco import RefCocoExpressions
+from .samplers import ResumableSampler, world
 from .transforms import Mode, RegionTransform, build_transform
 from .voc import VocBoxes, parse_voc_xml
 
@@ -146,6 +148,12 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         if train:
             kwargs["generator"] = torch.Generator().manual_seed(self.seed + self.rank)
             kwargs["worker_init_fn"] = _seed_worker_transform
+            kwargs["sampler"] = self._train_sampler(self.datasets[split])
+            train = False  # the sampler shuffles
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Evaluation must count every sample once: Lightning's default DistributedSampler pads the last batch
+            # with duplicates, this one gives the ranks uneven shares instead (and Lightning keeps it).
+            kwargs["sampler"] = UnrepeatedDistributedSampler(self.datasets[split], shuffle=False)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
@@ -153,6 +161,20 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
             num_workers=self.num_workers,
             collate_fn=collate_regions_batch,
             **kwargs,
+        )
+
+    def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
+        """Seeded shuffling; when restored from a mid-epoch checkpoint, skip the batches already trained on."""
+        num_replicas, rank = world()
+        trainer = self.trainer
+
+        def already_trained() -> int:  # evaluated at the first iteration, after Lightning restored its loops
+            if trainer is None:
+                return 0
+            return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
+
+        return ResumableSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, skip_fn=already_trained
         )
 
     def train_dataloader(self) -> DataLoader:

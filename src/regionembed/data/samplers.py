@@ -1,0 +1,66 @@
+"""A training sampler that resumes mid-epoch exactly where a checkpointed run stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DistributedSampler
+
+__all__ = ["ResumableSampler"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled (or sequential) order that is a pure function of ``(seed, epoch)``, with a one-shot skip.
+
+    ``skip(n)`` drops the first ``n`` samples of the next iteration only, so that a run restored from a mid-epoch
+    checkpoint sees exactly the batches the interrupted run had not consumed yet. ``skip_fn`` is asked for that
+    number lazily, at the first iteration: Lightning builds the train loader (e.g. for
+    ``estimated_stepping_batches``) before it restores the loops' progress from a checkpoint. Being a ``DistributedSampler``,
+    Lightning keeps it under DDP (each rank iterates its own, disjoint share) instead of replacing it.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        num_replicas: world size (1 without DDP).
+        rank: this process's rank.
+        shuffle: shuffle with ``torch.Generator().manual_seed(seed + epoch)``.
+        seed: base seed.
+        skip_fn: called once, at the first iteration, for the number of samples to skip then.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        skip_fn: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._skip = 0
+        self._skip_fn = skip_fn
+
+    def skip(self, samples: int) -> None:
+        """Skip the first ``samples`` indices of this rank's next iteration."""
+        if samples < 0:
+            raise ValueError(f"cannot skip {samples} samples")
+        self._skip = int(samples)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._skip_fn is not None:
+            self.skip(self._skip_fn())
+            self._skip_fn = None
+        indices = list(super().__iter__())
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - min(self._skip, self.num_samples)
+
+
+def world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the default process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0

@@ -1,0 +1,1 @@
+"""Test-only helpers importable by subprocesses (PYTHONPATH=tests)."""
