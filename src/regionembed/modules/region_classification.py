@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones.base import Backbone
+from ..io import save_json
 from ..metrics import RegionAccuracy
 from ..regions import GlobalEmbedding, MaskInversionEmbedding, RegionEmbedder
 from ..text import DEFAULT_TEMPLATES, encode_prompts
@@ -44,6 +45,7 @@ class RegionClassificationModule(L.LightningModule):
         methods: region embedding methods to compare; default: global and MaskInversion.
         class_names: class prompts; by default taken from the data module's ``class_names``.
         templates: prompt templates averaged per class.
+        results_path: also write ``{method: {metric: value}}`` there as JSON (rank zero, atomic).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class RegionClassificationModule(L.LightningModule):
         methods: list[RegionEmbedder] | None = None,
         class_names: list[str] | None = None,
         templates: list[str] | None = None,
+        results_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "methods"])
@@ -110,6 +113,8 @@ class RegionClassificationModule(L.LightningModule):
                 self.log(f"test/{name}/{key}", value, rank_zero_only=True)
             metric.reset()
         rank_zero_info("\nRegion classification (%):\n" + comparison_table(self.results))
+        if self.hparams.results_path and self.trainer.is_global_zero:
+            save_json({"class_names": self.class_names, "results": self.results}, self.hparams.results_path)
 
     def configure_optimizers(self):
         return None

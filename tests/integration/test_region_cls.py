@@ -1,0 +1,50 @@
+"""Region classification through infer.py: in-process with default Trainer settings, and 2 DDP processes giving
+exactly the metrics of 1 process (every test scene counted once)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regionembed.cli import infer_main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "tests" / "tiny_region_cls.yaml"
+METHODS = {"global", "crop", "mask_pool", "mask_inversion"}
+
+
+def test_region_classification_in_process(tmp_path):
+    cli = infer_main(["test", f"--config={CONFIG}", f"--model.init_args.results_path={tmp_path / 'r.json'}"])
+    results = cli.model.results
+    assert set(results) == METHODS
+    for row in results.values():
+        assert set(row) == {"top1", "top5", "mean_class_top1", "mean_class_top5"}
+        assert 0 <= row["top1"] <= row["top5"] <= 1
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == results
+    assert "test/mask_inversion/top1" in cli.trainer.callback_metrics
+
+
+def _run(tmp_path: Path, devices: int) -> dict:
+    out = tmp_path / f"results_{devices}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "infer.py"),
+        "test",
+        f"--config={CONFIG}",
+        f"--model.init_args.results_path={out}",
+    ]
+    if devices > 1:
+        cmd += ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.mark.ddp
+def test_two_processes_give_the_metrics_of_one(tmp_path):
+    one, two = _run(tmp_path, 1), _run(tmp_path, 2)  # 9 scenes: ranks get 5 and 4, no padded duplicate
+    assert one == two
