@@ -17,7 +17,8 @@ class ResumableSampler(DistributedSampler):
     checkpoint sees exactly the batches the interrupted run had not consumed yet. ``skip_fn`` is asked for that
     number lazily, at the first iteration: Lightning builds the train loader (e.g. for
     ``estimated_stepping_batches``) before it restores the loops' progress from a checkpoint. Being a
-    ``DistributedSampler``, Lightning keeps it under DDP (each rank iterates its own, disjoint share) instead of replacing it.
+    ``DistributedSampler``, Lightning keeps it under DDP (each rank iterates its own, disjoint share) instead of
+    replacing it.
 
     Args:
         dataset: the dataset (only its length is used).
