@@ -14,14 +14,44 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from itertools import pairwise, product
 
 STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto")
 
 
-def _rss_mb() -> float:
+def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRSS:
+    """Samples the resident set size every few milliseconds in a thread: the peak of one call, not the process."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+
+    def __enter__(self) -> _PeakRSS:
+        self.start = self.peak = _rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, seed: int = 0) -> dict:
@@ -42,10 +72,10 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         target[i, y : y + h, x : x + w] = 1
     solver = MaskInversion(backbone, strategy=strategy, iterations=iterations)
     MaskInversion(backbone, strategy=strategy, iterations=1)(image, target[:1])  # warm-up: allocator, kernels
-    baseline = _rss_mb()
-    start = time.perf_counter()
-    result = solver(image, target)
-    wall = time.perf_counter() - start
+    with _PeakRSS() as rss:
+        start = time.perf_counter()
+        result = solver(image, target)
+        wall = time.perf_counter() - start
     return {
         "model": model,
         "image_size": size,
@@ -55,8 +85,8 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         "ran": result.strategy,
         "wall_s": round(wall, 4),
         "s_per_mask": round(wall / masks, 5),
-        "peak_rss_mb": round(_rss_mb(), 1),
-        "peak_over_baseline_mb": round(_rss_mb() - baseline, 1),
+        "peak_rss_mb": round(_max_rss_mb(), 1),
+        "peak_over_baseline_mb": round(rss.peak - rss.start, 1),
         "final_loss": round(float(result.loss_history[-1]), 6),
         "threads": torch.get_num_threads(),
     }
@@ -93,7 +123,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    head = "| size | masks | iters | strategy | wall s | s/mask | +1 mask s | peak MB over baseline | vs naive |"
+    head = "| size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB | vs naive |"
     lines = [head, "|" + "---|" * 9]
     for r in records:
         if "wall_s" not in r:

@@ -174,7 +174,13 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
             return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
 
         return ResumableSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed, skip_fn=already_trained
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            seed=self.seed,
+            skip_fn=already_trained,
+            block=getattr(dataset, "block", 1),
         )
 
     def train_dataloader(self) -> DataLoader:

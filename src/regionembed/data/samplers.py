@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,6 +28,8 @@ class ResumableSampler(DistributedSampler):
         shuffle: shuffle with ``torch.Generator().manual_seed(seed + epoch)``.
         seed: base seed.
         skip_fn: called once, at the first iteration, for the number of samples to skip then.
+        block: keep runs of ``block`` consecutive indices together (shuffled and shared between ranks as units),
+            e.g. 2 for datasets of (image, hard negative) pairs; ``len(dataset)`` must be a multiple.
     """
 
     def __init__(
@@ -37,8 +40,15 @@ class ResumableSampler(DistributedSampler):
         shuffle: bool = True,
         seed: int = 0,
         skip_fn: Callable[[], int] | None = None,
+        block: int = 1,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        if block < 1 or len(dataset) % block:
+            raise ValueError(f"dataset length {len(dataset)} is not a multiple of block={block}")
+        self.block = block
+        blocks = len(dataset) // block
+        self.num_samples = math.ceil(blocks / num_replicas) * block
+        self.total_size = self.num_samples * num_replicas
         self._skip = 0
         self._skip_fn = skip_fn
 
@@ -52,7 +62,15 @@ class ResumableSampler(DistributedSampler):
         if self._skip_fn is not None:
             self.skip(self._skip_fn())
             self._skip_fn = None
-        indices = list(super().__iter__())
+        blocks = len(self.dataset) // self.block
+        if self.shuffle:
+            order = torch.randperm(blocks, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(blocks))
+        per_rank = self.num_samples // self.block
+        order += order[: per_rank * self.num_replicas - blocks]  # pad with repeats, as DistributedSampler does
+        mine = order[self.rank :: self.num_replicas]
+        indices = [b * self.block + j for b in mine for j in range(self.block)]
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
 

@@ -12,20 +12,63 @@ from .modules import RegionDataModule
 from .synthetic import SyntheticRegions, SyntheticWorld, WorldConfig
 from .transforms import Mode, RegionTransform, build_transform
 
-__all__ = ["SyntheticDataModule", "TransformedDataset"]
+__all__ = ["SyntheticDataModule", "SyntheticEditPairs", "TransformedDataset"]
 
 
 class TransformedDataset(Dataset):
     """Apply a joint transform to the raw samples of ``dataset``; exposes ``class_names`` and ``transform``."""
 
-    def __init__(self, dataset: Dataset, transform: Callable[[dict[str, Any]], dict[str, Any]], class_names: list[str]):
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Callable[[dict[str, Any]], dict[str, Any]],
+        class_names: list[str],
+        block: int = 1,
+    ) -> None:
         self.dataset, self.transform, self.class_names = dataset, transform, list(class_names)
+        self.block = block  # see ResumableSampler
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.transform(self.dataset[index])
+
+
+class SyntheticEditPairs(Dataset):
+    """Scenes in pairs: items ``2k`` and ``2k + 1`` are the reference and the edited target of ``world.triplet``.
+
+    The two differ in one object's shape or colour (``WorldConfig.triplet_kinds``), so in a contrastive batch that
+    keeps pairs together (``block = 2``) each image has a hard negative whose caption differs in one word: colour
+    sets alone no longer separate the batch, and the model has to learn shapes. Items follow
+    :class:`~regionembed.data.synthetic.SyntheticRegions`.
+    """
+
+    block = 2
+
+    def __init__(self, world: SyntheticWorld, start: int = 0, length: int = 1000) -> None:
+        if length < 2 or length % 2:
+            raise ValueError(f"SyntheticEditPairs needs an even length >= 2, got {length}")
+        self.world, self.start, self.length = world, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        index = self.start + i // 2
+        triplet = self.world.triplet(index)
+        scene = triplet.reference if i % 2 == 0 else triplet.target
+        return {
+            "image": scene.image,
+            "masks": scene.masks(),
+            "boxes": scene.boxes(),
+            "labels": self.world.labels(scene),
+            "texts": scene.names,
+            "caption": scene.caption,
+            "image_id": f"synthetic-s{self.world.seed}-{index:08d}-{'ref' if i % 2 == 0 else 'edit'}",
+        }
 
 
 class SyntheticDataModule(RegionDataModule):
@@ -43,6 +86,8 @@ class SyntheticDataModule(RegionDataModule):
         test_size: test scenes.
         augment: random resized crops for training; off by default because a crop can cut an object named in the
             caption.
+        hard_negatives: train on :class:`SyntheticEditPairs` (each scene with an edited copy in the same batch)
+            instead of independent scenes; ``train_size`` counts images and ``batch_size`` must be even.
         preprocess: see :class:`~regionembed.data.modules.RegionDataModule`.
         mode: see :class:`~regionembed.data.modules.RegionDataModule`.
         batch_size: see :class:`~regionembed.data.modules.RegionDataModule`.
@@ -58,6 +103,7 @@ class SyntheticDataModule(RegionDataModule):
         val_size: int = 500,
         test_size: int = 500,
         augment: bool = False,
+        hard_negatives: bool = False,
         preprocess: PreprocessSpec | None = None,
         mode: Mode = "squash",
         batch_size: int = 64,
@@ -70,6 +116,9 @@ class SyntheticDataModule(RegionDataModule):
         self.world = SyntheticWorld(world or WorldConfig(), seed=world_seed)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.augment = augment
+        self.hard_negatives = hard_negatives
+        if hard_negatives and (batch_size % 2 or train_size % 2):
+            raise ValueError("hard_negatives needs an even batch_size and train_size (pairs stay together)")
 
     def has_split(self, split: str) -> bool:
         return self.sizes[split] > 0
@@ -78,6 +127,11 @@ class SyntheticDataModule(RegionDataModule):
         start = {"train": 0, "val": self.sizes["train"], "test": self.sizes["train"] + self.sizes["val"]}[split]
         if split == "train" and not self.augment:
             transform = build_transform(self.preprocess, train=False, mode=self.mode)
+        if split == "train" and self.hard_negatives:
+            # pairs come from triplets of scene indices beyond all splits' scenes: never a test scene
+            offset = sum(self.sizes.values())
+            pairs = SyntheticEditPairs(self.world, start=offset, length=self.sizes[split])
+            return TransformedDataset(pairs, transform, self.world.class_names, block=2)
         scenes = SyntheticRegions(self.world, start=start, length=self.sizes[split])
         return TransformedDataset(scenes, transform, self.world.class_names)
 
