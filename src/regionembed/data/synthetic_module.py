@@ -120,6 +120,9 @@ class SyntheticDataModule(RegionDataModule):
         if hard_negatives and (batch_size % 2 or train_size % 2):
             raise ValueError("hard_negatives needs an even batch_size and train_size (pairs stay together)")
 
+    #: scene indices of the hard-negative training pairs: far beyond any plain split, so never a val/test scene
+    PAIRS_START = 10**8
+
     def has_split(self, split: str) -> bool:
         return self.sizes[split] > 0
 
@@ -128,9 +131,7 @@ class SyntheticDataModule(RegionDataModule):
         if split == "train" and not self.augment:
             transform = build_transform(self.preprocess, train=False, mode=self.mode)
         if split == "train" and self.hard_negatives:
-            # pairs come from triplets of scene indices beyond all splits' scenes: never a test scene
-            offset = sum(self.sizes.values())
-            pairs = SyntheticEditPairs(self.world, start=offset, length=self.sizes[split])
+            pairs = SyntheticEditPairs(self.world, start=self.PAIRS_START, length=self.sizes[split])
             return TransformedDataset(pairs, transform, self.world.class_names, block=2)
         scenes = SyntheticRegions(self.world, start=start, length=self.sizes[split])
         return TransformedDataset(scenes, transform, self.world.class_names)
