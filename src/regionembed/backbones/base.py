@@ -135,7 +135,7 @@ class Backbone(nn.Module, abc.ABC):
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of the patch size."""
-        self._check_image(image)
+        self.check_image(image)
         feats = self.pool_tokens(self.forward_blocks(self.embed_tokens(image)))
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
@@ -147,7 +147,8 @@ class Backbone(nn.Module, abc.ABC):
         """Tokenise texts with the model's own tokenizer: ``[B, L]`` int64."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
-    def _check_image(self, image: torch.Tensor) -> None:
+    def check_image(self, image: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``image`` is a finite ``[B, 3, H, W]`` batch with sides multiple of the patch."""
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise ValueError(f"expected an image batch of shape [B, 3, H, W], got {shape}")

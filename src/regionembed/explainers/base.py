@@ -41,7 +41,7 @@ class Explainer(abc.ABC):
 
     def __call__(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
         """Explain ``targets`` ``[B, D]`` on ``image`` ``[B or 1, 3, H, W]``; returns maps ``[B, H, W]`` in [0, 1]."""
-        backbone._check_image(image)
+        backbone.check_image(image)
         if targets.ndim != 2 or targets.shape[1] != backbone.embed_dim:
             raise ValueError(
                 f"targets must have shape [B, {backbone.embed_dim}] for this backbone, got {tuple(targets.shape)}"

@@ -169,7 +169,7 @@ class MaskInversion:
                 "MaskInversion optimises tokens with autograd and cannot run under torch.inference_mode(); "
                 "with Lightning set `trainer.inference_mode: false` (the shipped configs do)"
             )
-        self.backbone._check_image(image)
+        self.backbone.check_image(image)
         if image.shape[0] != 1:
             raise ValueError(f"MaskInversion takes one image [1, 3, S, S] per call, got a batch of {image.shape[0]}")
         masks = check_masks(masks).to(device=image.device, dtype=image.dtype)

@@ -75,7 +75,7 @@ class ContrastiveModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self.loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
 
-    def on_train_epoch_start(self) -> None:
+    def on_fit_start(self) -> None:
         self.backbone.train()  # adapters are built in eval mode for inference; training wants dropout etc. on
 
     def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
