@@ -50,15 +50,21 @@ class SyntheticEditPairs(Dataset):
         if length < 2 or length % 2:
             raise ValueError(f"SyntheticEditPairs needs an even length >= 2, got {length}")
         self.world, self.start, self.length = world, start, length
+        self._last: tuple[int, Any] | None = None  # the pair's two items are read one after the other
 
     def __len__(self) -> int:
         return self.length
+
+    def _triplet(self, index: int):
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.world.triplet(index))
+        return self._last[1]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.length:
             raise IndexError(i)
         index = self.start + i // 2
-        triplet = self.world.triplet(index)
+        triplet = self._triplet(index)
         scene = triplet.reference if i % 2 == 0 else triplet.target
         return {
             "image": scene.image,
