@@ -35,19 +35,23 @@ def _fit(workdir: Path, *extra: str, devices: int = 1) -> subprocess.CompletedPr
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_killed_run_resumes_as_if_uninterrupted(tmp_path):
+@pytest.mark.parametrize(("kill_at", "saved", "workers"), [(5, 3, 0), (11, 9, 2)])
+def test_killed_run_resumes_as_if_uninterrupted(tmp_path, kill_at, saved, workers):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()
     killed.mkdir()
-    proc = _fit(straight)
+    data = f"--data.init_args.num_workers={workers}"
+    proc = _fit(straight, data)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # killed at the start of step 5 of 16 (epoch 0 has 8): last.ckpt is the mid-epoch checkpoint of step 3
-    proc = _fit(killed, "--trainer.callbacks+=helpers.callbacks.KillAtStep", "--trainer.callbacks.step=5")
+    # 8 steps per epoch; killed at the start of step `kill_at`: last.ckpt is the mid-epoch checkpoint of `saved`
+    proc = _fit(
+        killed, data, "--trainer.callbacks+=helpers.callbacks.KillAtStep", f"--trainer.callbacks.step={kill_at}"
+    )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not (killed / "backbone.safetensors").exists()
     last = killed / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 3
-    proc = _fit(killed, f"--ckpt_path={last}")
+    assert torch.load(last, weights_only=True)["global_step"] == saved
+    proc = _fit(killed, data, f"--ckpt_path={last}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(straight / "backbone.safetensors")
     b = load_file(killed / "backbone.safetensors")

@@ -25,7 +25,7 @@ from ..backbones.base import PreprocessSpec
 from .coco import CocoRegions
 from .collate import collate_regions_batch
 from .refcoco import RefCocoExpressions
-from .samplers import ResumableSampler, world
+from .samplers import ResumableLoader, ResumableSampler, world
 from .transforms import Mode, RegionTransform, build_transform
 from .voc import VocBoxes, parse_voc_xml
 
@@ -145,16 +145,19 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__}: split {split!r} is not configured or not set up")
         kwargs: dict[str, Any] = {}
+        loader_cls = DataLoader
         if train:
             kwargs["generator"] = torch.Generator().manual_seed(self.seed + self.rank)
             kwargs["worker_init_fn"] = _seed_worker_transform
             kwargs["sampler"] = self._train_sampler(self.datasets[split])
+            kwargs["progress_fn"] = self._progress
+            loader_cls = ResumableLoader
             train = False  # the sampler shuffles
         elif torch.distributed.is_available() and torch.distributed.is_initialized():
             # Evaluation must count every sample once: Lightning's default DistributedSampler pads the last batch
             # with duplicates, this one gives the ranks uneven shares instead (and Lightning keeps it).
             kwargs["sampler"] = UnrepeatedDistributedSampler(self.datasets[split], shuffle=False)
-        return DataLoader(
+        return loader_cls(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=train,
@@ -164,24 +167,23 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         )
 
     def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
-        """Seeded shuffling; when restored from a mid-epoch checkpoint, skip the batches already trained on."""
+        """Seeded shuffling whose order is a function of (seed, epoch) and that can skip already trained batches."""
         num_replicas, rank = world()
-        trainer = self.trainer
-
-        def already_trained() -> int:  # evaluated at the first iteration, after Lightning restored its loops
-            if trainer is None:
-                return 0
-            return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
-
         return ResumableSampler(
             dataset,
             num_replicas=num_replicas,
             rank=rank,
             shuffle=True,
             seed=self.seed,
-            skip_fn=already_trained,
             block=getattr(dataset, "block", 1),
         )
+
+    def _progress(self) -> tuple[int, int]:
+        """``(epoch, batches processed in it)`` as the trainer reports them (saved with checkpoints)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

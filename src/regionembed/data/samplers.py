@@ -6,18 +6,17 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["ResumableSampler"]
+__all__ = ["ResumableLoader", "ResumableSampler"]
 
 
 class ResumableSampler(DistributedSampler):
     """Shuffled (or sequential) order that is a pure function of ``(seed, epoch)``, with a one-shot skip.
 
     ``skip(n)`` drops the first ``n`` samples of the next iteration only, so that a run restored from a mid-epoch
-    checkpoint sees exactly the batches the interrupted run had not consumed yet. ``skip_fn`` is asked for that
-    number lazily, at the first iteration: Lightning builds the train loader (e.g. for
-    ``estimated_stepping_batches``) before it restores the loops' progress from a checkpoint. Being a
+    checkpoint sees exactly the batches the interrupted run had not consumed yet (:class:`ResumableLoader` calls it
+    from the checkpoint's loader state). Being a
     ``DistributedSampler``, Lightning keeps it under DDP (each rank iterates its own, disjoint share) instead of
     replacing it.
 
@@ -27,7 +26,6 @@ class ResumableSampler(DistributedSampler):
         rank: this process's rank.
         shuffle: shuffle with ``torch.Generator().manual_seed(seed + epoch)``.
         seed: base seed.
-        skip_fn: called once, at the first iteration, for the number of samples to skip then.
         block: keep runs of ``block`` consecutive indices together (shuffled and shared between ranks as units),
             e.g. 2 for datasets of (image, hard negative) pairs; ``len(dataset)`` must be a multiple.
     """
@@ -39,7 +37,6 @@ class ResumableSampler(DistributedSampler):
         rank: int = 0,
         shuffle: bool = True,
         seed: int = 0,
-        skip_fn: Callable[[], int] | None = None,
         block: int = 1,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
@@ -50,7 +47,6 @@ class ResumableSampler(DistributedSampler):
         self.num_samples = math.ceil(blocks / num_replicas) * block
         self.total_size = self.num_samples * num_replicas
         self._skip = 0
-        self._skip_fn = skip_fn
 
     def skip(self, samples: int) -> None:
         """Skip the first ``samples`` indices of this rank's next iteration."""
@@ -59,23 +55,49 @@ class ResumableSampler(DistributedSampler):
         self._skip = int(samples)
 
     def __iter__(self) -> Iterator[int]:
-        if self._skip_fn is not None:
-            self.skip(self._skip_fn())
-            self._skip_fn = None
         blocks = len(self.dataset) // self.block
         if self.shuffle:
             order = torch.randperm(blocks, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(blocks))
         per_rank = self.num_samples // self.block
-        order += order[: per_rank * self.num_replicas - blocks]  # pad with repeats, as DistributedSampler does
+        pad = per_rank * self.num_replicas - blocks
+        order += (order * math.ceil(pad / max(1, blocks)))[:pad]  # pad with repeats, as DistributedSampler does
         mine = order[self.rank :: self.num_replicas]
         indices = [b * self.block + j for b in mine for j in range(self.block)]
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
 
     def __len__(self) -> int:
-        return self.num_samples - min(self._skip, self.num_samples)
+        # The epoch's length, skip or not: Lightning counts a resumed epoch's batches from the restored position.
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position Lightning saves in checkpoints and restores before iterating.
+
+    ``state_dict()`` records ``(epoch, batches processed in it)`` as the trainer reports them at checkpoint time
+    (``progress_fn``); ``load_state_dict()`` sets the sampler's epoch and skips those batches. Lightning calls it
+    before creating the iterator, also when worker processes prefetch, so the resumed run sees exactly the batches
+    the interrupted run had not trained on. Requires a :class:`ResumableSampler`.
+    """
+
+    def __init__(self, *args, progress_fn: Callable[[], tuple[int, int]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("ResumableLoader needs a ResumableSampler")
+        self.progress_fn = progress_fn
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, processed = self.progress_fn()
+        return {"epoch": int(epoch), "batches": int(processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: ResumableSampler = self.sampler
+        sampler.set_epoch(state["epoch"])
+        skip = state["batches"] * self.batch_size
+        if skip < sampler.num_samples:  # a checkpoint at the end of an epoch resumes with the next one, whole
+            sampler.skip(skip)
 
 
 def world() -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,16 @@ __all__ = ["ContrastiveModule", "cosine_with_warmup", "param_groups"]
 log = logging.getLogger(__name__)
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+def cosine_with_warmup(step: int, warmup: int, total: int | Callable[[], int], min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``.
+
+    ``total`` may be a callable, asked only once the warmup is over (see ``ContrastiveModule.configure_optimizers``).
+    """
     if step < warmup:
         return (step + 1) / max(1, warmup)
+    if step == warmup == 0:
+        return 1.0
+    total = total() if callable(total) else total
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -108,7 +115,13 @@ class ContrastiveModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self.backbone, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # The total is asked for lazily: `estimated_stepping_batches` builds the train loader, and doing that here,
+        # before Lightning restores a checkpoint's loop and loader state, would break exact mid-epoch resumption.
+        trainer = self.trainer
+
+        def total() -> int:
+            return max(1, int(trainer.estimated_stepping_batches))
+
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_with_warmup(step, hp.warmup_steps, total)
         )
