@@ -34,6 +34,12 @@ class InferCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"test": {"model", "dataloaders", "datamodule"}, "predict": {"model", "dataloaders", "datamodule"}}
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the writer saves them; keeping all in memory does not scale
+        return kwargs
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})

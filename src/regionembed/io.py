@@ -26,6 +26,9 @@ __all__ = [
     "save_safetensors",
 ]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: changing it later would race with other threads creating files
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -132,10 +135,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results should get the usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results should get the usual permissions
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

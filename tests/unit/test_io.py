@@ -81,3 +81,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("boom")
     assert path.read_text().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_region_folder_rejects_clashing_image_ids(region_folder):
+    from regionembed.data import scan_folder
+
+    Image.new("RGB", (8, 8)).save(region_folder / "images" / "a.jpg")
+    with pytest.raises(ValueError, match="share a name"):
+        scan_folder(region_folder)

@@ -81,3 +81,15 @@ def test_auto_picks_by_cost_and_memory():
     assert solver.plan(64, 500) == "precomputed"
     assert MaskInversion(b, memory_budget_mb=0.001).plan(64, 500) == "per_step"
     assert MaskInversion(b, strategy="naive").plan(64, 500) == "naive"
+
+
+def test_naive_restores_the_backbone_when_it_fails(tiny_backbone, monkeypatch):
+    flags = [p.requires_grad for p in tiny_backbone.parameters()]
+
+    def boom(tokens):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(tiny_backbone, "pool_tokens", boom)
+    with pytest.raises(MemoryError):
+        MaskInversion(tiny_backbone, strategy="naive")(torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
+    assert [p.requires_grad for p in tiny_backbone.parameters()] == flags

@@ -202,6 +202,10 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
         TimmAttention = ()
     if isinstance(attn, TimmAttention):
         check_library_versions("timm")
+        import timm.layers.attention as timm_attention
+
+        if not hasattr(timm_attention, "resolve_self_attn_mask"):
+            raise UnsupportedModelError("this timm 1.0.x predates the attention internals the recorder was written for")
         return attn, _timm_forward(recorder, index)
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "

@@ -34,6 +34,10 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+    stems = [p.stem for p in images]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise ValueError(f"images in {images_dir} share a name with different suffixes (ids must be unique): {clashes}")
     items = []
     for image in images:
         region_dir = masks_dir / image.stem

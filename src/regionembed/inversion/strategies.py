@@ -86,12 +86,16 @@ class NaiveStrategy(MapStrategy):
         self.legrad = LeGrad(self.layers, eps=eps)
         self._saved = {p: (p.requires_grad, p.grad) for p in backbone.parameters()}
         trainable = {id(p) for blk in list(backbone.blocks)[self.layers[0] :] for p in blk.parameters()}
-        for p in backbone.parameters():
-            p.requires_grad_(self.weight_grads and id(p) in trainable)
-            p.grad = None
-        with torch.enable_grad(), AttentionRecorder(backbone.blocks, self.layers) as rec:
-            tokens = backbone.forward_blocks(backbone.embed_tokens(self.images))
-            self.image_embedding = backbone.pool_tokens(tokens).detach()[:1]
+        try:
+            for p in backbone.parameters():
+                p.requires_grad_(self.weight_grads and id(p) in trainable)
+                p.grad = None
+            with torch.enable_grad(), AttentionRecorder(backbone.blocks, self.layers) as rec:
+                tokens = backbone.forward_blocks(backbone.embed_tokens(self.images))
+                self.image_embedding = backbone.pool_tokens(tokens).detach()[:1]
+        except BaseException:  # e.g. out of memory with many image copies: leave the backbone as it was
+            self.close()
+            raise
         self.recorder = rec
 
     def maps(self, e):
