@@ -1011,6 +1011,19 @@ class _SceneRange(Dataset):
         return f"synthetic-s{self.world.seed}-{index:08d}"
 
 
+def region_sample(world: SyntheticWorld, scene: Scene, image_id: str) -> dict[str, Any]:
+    """The raw region sample of a scene (the schema of the shared data modules, see ``SyntheticRegions``)."""
+    return {
+        "image": scene.image,
+        "masks": scene.masks(),
+        "boxes": scene.boxes(),
+        "labels": world.labels(scene),
+        "texts": scene.names,
+        "caption": scene.caption,
+        "image_id": image_id,
+    }
+
+
 class SyntheticRegions(_SceneRange):
     """Scenes with all their regions, for region-level training and evaluation.
 
@@ -1026,16 +1039,7 @@ class SyntheticRegions(_SceneRange):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = self._index(i)
-        scene = self.world.scene(index)
-        return {
-            "image": scene.image,
-            "masks": scene.masks(),
-            "boxes": scene.boxes(),
-            "labels": self.world.labels(scene),
-            "texts": scene.names,
-            "caption": scene.caption,
-            "image_id": self._image_id(index),
-        }
+        return region_sample(self.world, self.world.scene(index), self._image_id(index))
 
 
 class SyntheticCaptions(_SceneRange):

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..backbones.base import PreprocessSpec
 from .modules import RegionDataModule
-from .synthetic import SyntheticRegions, SyntheticWorld, WorldConfig
+from .synthetic import SyntheticRegions, SyntheticWorld, WorldConfig, region_sample
 from .transforms import Mode, RegionTransform, build_transform
 
 __all__ = ["SyntheticDataModule", "SyntheticEditPairs", "TransformedDataset"]
@@ -66,15 +66,8 @@ class SyntheticEditPairs(Dataset):
         index = self.start + i // 2
         triplet = self._triplet(index)
         scene = triplet.reference if i % 2 == 0 else triplet.target
-        return {
-            "image": scene.image,
-            "masks": scene.masks(),
-            "boxes": scene.boxes(),
-            "labels": self.world.labels(scene),
-            "texts": scene.names,
-            "caption": scene.caption,
-            "image_id": f"synthetic-s{self.world.seed}-{index:08d}-{'ref' if i % 2 == 0 else 'edit'}",
-        }
+        suffix = "ref" if i % 2 == 0 else "edit"
+        return region_sample(self.world, scene, f"synthetic-s{self.world.seed}-{index:08d}-{suffix}")
 
 
 class SyntheticDataModule(RegionDataModule):
