@@ -14,6 +14,13 @@ import torch
 from PIL import Image
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder: whatever a run writes relative to the working directory (LightningCLI's
+    saved config.yaml, default output folders) lands there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     from regionembed.backbones import OpenCLIPBackbone

@@ -8,21 +8,26 @@ Every method maps ``(backbone, image [3, S, S] (normalised), masks [N, S, S] in 
 ``mask_pool``      mask-weighted average of the projected patch tokens of the last block (dense CLIP features).
 ``red_circle``     a red ellipse drawn around the region on the full image (Shtedritski et al., 2023).
 ``mask_inversion`` MaskInversion's localized embedding tokens.
+``alpha_<kind>``   an Alpha-CLIP model on the full image with alpha = the region's mask, box, or everything.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import masks_to_boxes, roi_align
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from .backbones.alpha import alpha_from_boxes, alpha_from_masks, whole_image_alpha
 from .backbones.base import Backbone
 from .inversion import MaskInversion, check_masks
 
 __all__ = [
+    "AlphaEmbedding",
     "CropEmbedding",
     "GlobalEmbedding",
     "MaskInversionEmbedding",
@@ -221,3 +226,42 @@ class MaskInversionEmbedding(RegionEmbedder):
 
     def __repr__(self) -> str:
         return f"MaskInversionEmbedding({self.config})"
+
+
+class AlphaEmbedding(RegionEmbedder, nn.Module):
+    """Alpha-CLIP: the full image, with the alpha channel set to the region's mask, its box, or the whole image.
+
+    Args:
+        alpha: ``"mask"``, ``"box"`` (the mask's bounding box) or ``"whole"`` (alpha = 1, the region is ignored).
+        backbone: the alpha model (e.g. ``OpenCLIPBackbone(..., alpha_checkpoint=...)``); ``None`` uses the
+            evaluator's backbone, which then needs an alpha channel. Text embeddings come from the evaluator's
+            backbone, so both must share the text tower (Alpha-CLIP keeps it frozen).
+    """
+
+    def __init__(self, alpha: Literal["mask", "box", "whole"] = "mask", backbone: Backbone | None = None) -> None:
+        nn.Module.__init__(self)
+        if alpha not in {"mask", "box", "whole"}:
+            raise ValueError(f"alpha must be 'mask', 'box' or 'whole', got {alpha!r}")
+        self.alpha = alpha
+        self.backbone = backbone
+        self.name = f"alpha_{alpha}"
+
+    def embed(self, backbone, image, masks):
+        model = self.backbone if self.backbone is not None else backbone
+        if model.alpha_embed is None:
+            raise ValueError(f"{self.name}: the backbone has no alpha channel (use alpha_channel/alpha_checkpoint)")
+        if model.preprocess != backbone.preprocess:
+            raise ValueError(f"{self.name}: the alpha model expects {model.preprocess}, the data {backbone.preprocess}")
+        size = tuple(image.shape[-2:])
+        if self.alpha == "mask":
+            alphas = alpha_from_masks(masks)
+        elif self.alpha == "box":
+            alphas = alpha_from_boxes(_region_boxes(masks), size)
+        else:
+            alphas = whole_image_alpha(masks.shape[0], size, device=image.device)
+        with torch.no_grad():
+            images = image[None].expand(masks.shape[0], -1, -1, -1)
+            return model.encode_image(images, alpha=alphas.to(image.dtype))
+
+    def __repr__(self) -> str:
+        return f"AlphaEmbedding(alpha={self.alpha!r})"

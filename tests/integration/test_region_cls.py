@@ -17,7 +17,14 @@ METHODS = {"global", "crop", "mask_pool", "mask_inversion"}
 
 
 def test_region_classification_in_process(tmp_path):
-    cli = infer_main(["test", f"--config={CONFIG}", f"--model.init_args.results_path={tmp_path / 'r.json'}"])
+    cli = infer_main(
+        [
+            "test",
+            f"--config={CONFIG}",
+            f"--model.init_args.results_path={tmp_path / 'r.json'}",
+            f"--trainer.default_root_dir={tmp_path}",  # the saved config.yaml goes there, not into the checkout
+        ]
+    )
     results = cli.model.results
     assert set(results) == METHODS
     for row in results.values():

@@ -3,6 +3,7 @@
 from .attention import AttentionRecord, AttentionRecorder, UnsupportedModelError
 from .base import Backbone, BlockParts, PreprocessSpec
 from .open_clip import TINY_MODELS, OpenCLIPBackbone
+from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
 from .weights import PretrainedWeightsUnavailable
 
@@ -13,6 +14,7 @@ __all__ = [
     "Backbone",
     "BlockParts",
     "OpenCLIPBackbone",
+    "OpenCLIPResNetBackbone",
     "PreprocessSpec",
     "PretrainedWeightsUnavailable",
     "TimmBackbone",

@@ -63,6 +63,57 @@ class Backbone(nn.Module, abc.ABC):
     #: number of prefix tokens ([CLS], registers) before the patch tokens
     num_prefix_tokens: int = 1
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: the zero-initialised alpha-channel conv (:mod:`regionembed.backbones.alpha`), ``None`` until enabled
+        self.alpha_embed: nn.Module | None = None
+
+    @property
+    def rgb_stem_conv(self) -> nn.Conv2d:
+        """The first convolution applied to the RGB image (the patch embedding of a ViT, conv1 of a ResNet stem).
+
+        The alpha-channel conv copies its kernel, stride and padding and adds its output to this conv's output.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support an alpha channel")
+
+    def enable_alpha(self) -> Backbone:
+        """Add a zero-initialised alpha-channel conv beside :attr:`rgb_stem_conv` (Alpha-CLIP); returns ``self``.
+
+        A freshly enabled backbone gives the same outputs as before for any alpha. Calling it twice is a no-op.
+        """
+        from .alpha import AlphaPatchEmbed
+
+        if self.alpha_embed is None:
+            conv = self.rgb_stem_conv
+            self.alpha_embed = AlphaPatchEmbed.like(conv).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        return self
+
+    def add_alpha(self, features: torch.Tensor, alpha: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+        """``features + alpha_embed(alpha)`` (the alpha branch of the stem); ``features`` when ``alpha`` is None.
+
+        Args:
+            features: output of :attr:`rgb_stem_conv` on ``image``, ``[B, C, h, w]``.
+            alpha: normalised alpha map ``[B, 1, H, W]`` (see :func:`regionembed.backbones.alpha.alpha_from_masks`).
+            image: the image ``[B, 3, H, W]`` (for validating ``alpha``).
+        """
+        if alpha is None:
+            return features
+        if self.alpha_embed is None:
+            raise ValueError(
+                f"{type(self).__name__} has no alpha channel: build it with alpha_channel=True (or call "
+                "enable_alpha()), or pass alpha=None"
+            )
+        if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or alpha.shape[1] != 1:
+            shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+            raise ValueError(f"alpha must have shape [B, 1, H, W], got {shape}")
+        if alpha.shape[0] != image.shape[0] or alpha.shape[-2:] != image.shape[-2:]:
+            raise ValueError(
+                f"alpha {tuple(alpha.shape)} does not match the image {tuple(image.shape)} (same batch and size)"
+            )
+        if not torch.isfinite(alpha).all():
+            raise ValueError("alpha contains NaN or infinite values")
+        return features + self.alpha_embed(alpha.to(features.dtype))
+
     @property
     @abc.abstractmethod
     def patch_size(self) -> int:
@@ -84,11 +135,12 @@ class Backbone(nn.Module, abc.ABC):
         """The vision transformer blocks, in order."""
 
     @abc.abstractmethod
-    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         """Patch-embed an image and add prefix tokens and (resampled) positional embeddings.
 
         Args:
             image: ``[B, 3, H, W]`` normalised image, ``H`` and ``W`` multiples of the patch size.
+            alpha: optional normalised alpha map ``[B, 1, H, W]`` for a backbone with an alpha channel.
 
         Returns:
             ``[B, T, C]`` tokens entering the first block, ``T = prefix + (H/p) * (W/p)``.
@@ -133,10 +185,15 @@ class Backbone(nn.Module, abc.ABC):
             tokens = blk(tokens)
         return tokens
 
-    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of the patch size."""
+    def encode_image(
+        self, image: torch.Tensor, normalize: bool = False, alpha: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of the patch size.
+
+        ``alpha`` ``[B, 1, H, W]`` (normalised, see :mod:`regionembed.backbones.alpha`) needs an alpha channel.
+        """
         self.check_image(image)
-        feats = self.pool_tokens(self.forward_blocks(self.embed_tokens(image)))
+        feats = self.pool_tokens(self.forward_blocks(self.embed_tokens(image, alpha=alpha)))
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:

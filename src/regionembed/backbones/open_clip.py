@@ -13,6 +13,7 @@ from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTran
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .alpha import load_alpha_clip_visual
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
 from .weights import (
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-#: tiny architectures shipped with regionembed for tests and smoke runs (random init only)
+#: tiny architectures shipped with regionembed for tests and smoke runs (random init only; ``re-tiny-rn`` is a
+#: ModifiedResNet for :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`, the others are ViTs)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
 
@@ -69,7 +71,57 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         raise
 
 
-class OpenCLIPBackbone(Backbone):
+class OpenCLIPModelMixin:
+    """What every open_clip-based backbone shares: preprocessing from the model, the text tower, the alpha channel.
+
+    Expects ``self.model`` (an open_clip CLIP) and ``self.model_name``, ``self.pretrained``.
+    """
+
+    def _init_open_clip(self, size: int, alpha_channel: bool = False, alpha_checkpoint: str | None = None) -> None:
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        self._preprocess = PreprocessSpec(
+            size=size,
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+        )
+        self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        self.alpha_checkpoint = alpha_checkpoint
+        if alpha_checkpoint:
+            load_alpha_clip_visual(self, alpha_checkpoint)
+        elif alpha_channel:
+            self.enable_alpha()
+        self.model.eval()
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self._preprocess
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def rgb_stem_conv(self) -> nn.Conv2d:
+        return self.model.visual.conv1
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=normalize)
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tokenizer(list(texts))
+
+    def extra_repr(self) -> str:
+        alpha = f", alpha_checkpoint={self.alpha_checkpoint!r}" if self.alpha_checkpoint else ""
+        return (
+            f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}{alpha}"
+        )
+
+
+class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
     """An open_clip CLIP model (ViT image tower) as a regionembed backbone.
 
     Args:
@@ -80,6 +132,12 @@ class OpenCLIPBackbone(Backbone):
         image_size: square input side; positional embeddings are resampled on the fly (the model's own
             parameters are never modified). Defaults to the model's native size.
         cache_dir: open_clip download cache.
+        alpha_channel: add Alpha-CLIP's zero-initialised alpha conv beside the patch embedding
+            (:mod:`regionembed.backbones.alpha`); ``encode_image(image, alpha=...)`` then takes an alpha map.
+        alpha_checkpoint: an Alpha-CLIP visual checkpoint (the official ``clip_b16_grit20m_fultune_2xe.pth`` etc.,
+            our export, or a regionembed ``.ckpt`` of an alpha model) that replaces the visual tower and the alpha
+            conv after ``pretrained`` is loaded (so ``pretrained`` provides the text tower); implies
+            ``alpha_channel``.
     """
 
     def __init__(
@@ -88,6 +146,8 @@ class OpenCLIPBackbone(Backbone):
         pretrained: str | None = None,
         image_size: int | None = None,
         cache_dir: str | None = None,
+        alpha_channel: bool = False,
+        alpha_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
@@ -106,16 +166,7 @@ class OpenCLIPBackbone(Backbone):
         size = int(image_size or visual.image_size[0])
         if size % self._patch:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
-        cfg = open_clip.get_model_preprocess_cfg(self.model)
-        self._preprocess = PreprocessSpec(
-            size=size,
-            mean=tuple(float(m) for m in cfg["mean"]),
-            std=tuple(float(s) for s in cfg["std"]),
-            interpolation=str(cfg.get("interpolation", "bicubic")),
-            resize_mode=str(cfg.get("resize_mode", "shortest")),
-        )
-        self._tokenizer = open_clip.get_tokenizer(model_name)
-        self.model.eval()
+        self._init_open_clip(size, alpha_channel, alpha_checkpoint)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -127,16 +178,8 @@ class OpenCLIPBackbone(Backbone):
         return int(self.model.visual.output_dim)
 
     @property
-    def preprocess(self) -> PreprocessSpec:
-        return self._preprocess
-
-    @property
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.visual.transformer.resblocks
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
 
     # ------------------------------------------------------------------------------------------- forward
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -148,9 +191,9 @@ class OpenCLIPBackbone(Backbone):
             pos.unsqueeze(0), new_size=list(grid), old_size=list(self._native_grid), num_prefix_tokens=1
         )[0]
 
-    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         visual = self.model.visual
-        x = visual.conv1(image)  # [B, C, h, w]
+        x = self.add_alpha(visual.conv1(image), alpha, image)  # [B, C, h, w]
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -168,14 +211,6 @@ class OpenCLIPBackbone(Backbone):
         out = visual.ln_post(pooled)
         return out @ visual.proj if visual.proj is not None else out
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.model.encode_text(tokens, normalize=normalize)
-
-    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        return self._tokenizer(list(texts))
-
     def block_parts(self, block: nn.Module) -> BlockParts:
         if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.ln_2, nn.LayerNorm):
             raise NotImplementedError(f"no gradient decomposition for {type(block).__name__}")
@@ -191,6 +226,3 @@ class OpenCLIPBackbone(Backbone):
             ls1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
             ls2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
         )
-
-    def extra_repr(self) -> str:
-        return f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import timm
 import torch
 from timm.layers import LayerScale
+from timm.layers.format import Format, nchw_to
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -28,6 +29,8 @@ class TimmBackbone(Backbone):
             weights file.
         image_size: square input side (positional embeddings resampled by timm's dynamic image size).
         num_classes: override the head size (``0`` keeps pooled features).
+        alpha_channel: add Alpha-CLIP's zero-initialised alpha conv beside ``patch_embed.proj``
+            (:mod:`regionembed.backbones.alpha`).
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class TimmBackbone(Backbone):
         pretrained: bool | str | None = None,
         image_size: int | None = None,
         num_classes: int | None = None,
+        alpha_channel: bool = False,
     ) -> None:
         super().__init__()
         check_library_versions("timm")
@@ -82,6 +86,8 @@ class TimmBackbone(Backbone):
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode="shortest",
         )
+        if alpha_channel:
+            self.enable_alpha()
         self.model.eval()
 
     @property
@@ -100,9 +106,22 @@ class TimmBackbone(Backbone):
     def blocks(self) -> Sequence[nn.Module]:
         return self.model.blocks
 
-    def embed_tokens(self, image: torch.Tensor) -> torch.Tensor:
+    @property
+    def rgb_stem_conv(self) -> nn.Conv2d:
+        return self.model.patch_embed.proj
+
+    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
-        x = m.patch_embed(image)
+        if alpha is None:
+            x = m.patch_embed(image)
+        else:  # timm's PatchEmbed is proj -> layout -> norm: the alpha branch joins right after proj
+            pe = m.patch_embed
+            x = self.add_alpha(pe.proj(image), alpha, image)
+            if pe.output_fmt != Format.NCHW:
+                x = nchw_to(x, pe.output_fmt)
+            elif pe.flatten:
+                x = x.flatten(2).transpose(1, 2)
+            x = pe.norm(x)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         return m.norm_pre(x)

@@ -2,15 +2,23 @@
 
 import sys
 
-BENCHMARKS = ("inversion",)
+BENCHMARKS = ("alpha", "inversion", "vlscore")
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
         sys.exit(f"usage: python -m regionembed.bench {{{','.join(BENCHMARKS)}}} [options]")
     name = sys.argv[1]
-    if name == "inversion":
+    if name == "alpha":
+        from .alpha import main as run
+
+        run(sys.argv[2:])
+    elif name == "inversion":
         from .inversion import main as run
+
+        run(sys.argv[2:])
+    elif name == "vlscore":
+        from .vlscore import main as run
 
         run(sys.argv[2:])
 

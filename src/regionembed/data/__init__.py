@@ -2,6 +2,15 @@
 
 from .coco import CocoRegions
 from .collate import collate_regions_batch
+from .composed import (
+    CirrDataModule,
+    ComposedDataModule,
+    ComposedDataset,
+    FashionIqDataModule,
+    SyntheticComposed,
+    SyntheticComposedDataModule,
+    collate_composed,
+)
 from .folder import ImageMaskDataset, RegionFolderDataModule, collate_regions, scan_folder
 from .modules import CocoRegionDataModule, RefCocoDataModule, RegionDataModule, VocBoxDataModule
 from .refcoco import RefCocoExpressions
@@ -18,8 +27,12 @@ from .transforms import RegionTransform, build_transform
 from .voc import VocBoxes
 
 __all__ = [
+    "CirrDataModule",
     "CocoRegionDataModule",
     "CocoRegions",
+    "ComposedDataModule",
+    "ComposedDataset",
+    "FashionIqDataModule",
     "ImageMaskDataset",
     "RefCocoDataModule",
     "RefCocoExpressions",
@@ -27,6 +40,8 @@ __all__ = [
     "RegionFolderDataModule",
     "RegionTransform",
     "SyntheticCaptions",
+    "SyntheticComposed",
+    "SyntheticComposedDataModule",
     "SyntheticDataModule",
     "SyntheticReferring",
     "SyntheticRegions",
@@ -37,6 +52,7 @@ __all__ = [
     "VocBoxes",
     "WorldConfig",
     "build_transform",
+    "collate_composed",
     "collate_regions",
     "collate_regions_batch",
     "scan_folder",

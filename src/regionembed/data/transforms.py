@@ -42,13 +42,11 @@ import cv2
 import numpy as np
 import torch
 
+from ..backbones.alpha import ALPHA_MEAN, ALPHA_STD
 from ..backbones.base import PreprocessSpec
 
 __all__ = ["ALPHA_MEAN", "ALPHA_STD", "REGION_KEYS", "RegionTransform", "build_transform"]
 
-#: Alpha-CLIP's normalisation of the alpha map: ``(alpha - 0.5) / 0.26``.
-ALPHA_MEAN = 0.5
-ALPHA_STD = 0.26
 
 #: Optional per-region keys (length ``N``) that are filtered together with the masks when regions are dropped.
 REGION_KEYS = ("ann_ids", "iscrowd", "difficult")

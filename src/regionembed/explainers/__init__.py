@@ -1,6 +1,22 @@
 """Explainers: ``(backbone, image [B, 3, H, W], targets [B, D]) -> maps [B, H, W]``."""
 
 from .base import Explainer, min_max, relevance_to_map
+from .grad_attention import GradAttention, grad_attention_maps
+from .gradcam import GradCAM
 from .legrad import LeGrad
+from .rollout import AttentionRollout
+from .score_cam import ScoreCAM, VLScore, prompt_targets
 
-__all__ = ["Explainer", "LeGrad", "min_max", "relevance_to_map"]
+__all__ = [
+    "AttentionRollout",
+    "Explainer",
+    "GradAttention",
+    "GradCAM",
+    "LeGrad",
+    "ScoreCAM",
+    "VLScore",
+    "grad_attention_maps",
+    "min_max",
+    "prompt_targets",
+    "relevance_to_map",
+]

@@ -1,5 +1,6 @@
 """Losses shared by the methods (plain torch, no Lightning)."""
 
+from .attention import attention_loss, energy_outside_loss
 from .dice import dice_loss
 
-__all__ = ["dice_loss"]
+__all__ = ["attention_loss", "dice_loss", "energy_outside_loss"]

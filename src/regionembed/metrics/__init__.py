@@ -14,6 +14,7 @@ metric                      ``compute()`` keys (fractions in [0, 1] unless noted
 ``MaxBoxAccV2``             ``maxboxacc_v2``, ``maxboxacc@{100 * delta}`` (default 30, 50, 70)
 ``RecallAtK``               ``R@{k}`` (default k = 1, 5, 10, 50)
 ``DeletionInsertionAUC``    a scalar: mean AUC (score units)
+``ContrastiveDeletionGap``  ``contrastive_gap``, ``target_drop``, ``contrast_drop`` (score units)
 =========================  =================================================================================
 
 Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_accuracy``, ``referring_accuracy``,
@@ -23,13 +24,14 @@ Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_
 
 from . import functional
 from .classification import RegionAccuracy
-from .faithfulness import DeletionInsertionAUC
+from .faithfulness import ContrastiveDeletionGap, DeletionInsertionAUC
 from .functional import auc, contrastive_deletion_gap, deletion_insertion_curves
 from .localization import BoxLocalization, MapMaskAgreement, MaxBoxAccV2, ReferringAccuracy
 from .retrieval import RecallAtK
 
 __all__ = [
     "BoxLocalization",
+    "ContrastiveDeletionGap",
     "DeletionInsertionAUC",
     "MapMaskAgreement",
     "MaxBoxAccV2",

@@ -1,7 +1,20 @@
 """LightningModules: they wire the plain-torch methods to Lightning's loops."""
 
+from .alpha_clip import AlphaCLIPModule
+from .composed_retrieval import ComposedRetrievalModule, LearnedCombiner, SumCombiner
 from .contrastive import ContrastiveModule
+from .localization import LocalizationModule, MaskInversionMaps
 from .mask_inversion import MaskInversionModule
 from .region_classification import RegionClassificationModule
 
-__all__ = ["ContrastiveModule", "MaskInversionModule", "RegionClassificationModule"]
+__all__ = [
+    "AlphaCLIPModule",
+    "ComposedRetrievalModule",
+    "ContrastiveModule",
+    "LearnedCombiner",
+    "LocalizationModule",
+    "MaskInversionMaps",
+    "MaskInversionModule",
+    "RegionClassificationModule",
+    "SumCombiner",
+]

@@ -112,9 +112,13 @@ class ContrastiveModule(L.LightningModule):
         with torch.no_grad():  # as open_clip: keep the temperature within [1, 100]
             self.backbone.logit_scale.clamp_(0, math.log(100))
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups (subclasses override, e.g. per-part learning rates)."""
+        return param_groups(self.backbone, self.hparams.weight_decay)
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.backbone, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
         # The total is asked for lazily: `estimated_stepping_batches` builds the train loader, and doing that here,
         # before Lightning restores a checkpoint's loop and loader state, would break exact mid-epoch resumption.
         trainer = self.trainer

@@ -60,6 +60,10 @@ class RegionClassificationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "methods"])
         self.backbone = backbone.requires_grad_(False).eval()
         self.methods = list(methods) if methods else [GlobalEmbedding(), MaskInversionEmbedding()]
+        # methods that own a model (e.g. an Alpha-CLIP backbone) are registered to follow devices, frozen
+        self.method_models = torch.nn.ModuleList(
+            [m.requires_grad_(False).eval() for m in self.methods if isinstance(m, torch.nn.Module)]
+        )
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")
@@ -72,6 +76,7 @@ class RegionClassificationModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()
+        self.method_models.eval()
         return self
 
     def setup(self, stage: str) -> None:
