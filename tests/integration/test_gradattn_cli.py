@@ -87,7 +87,6 @@ def _csv_metrics(folder: Path) -> dict[str, float]:
 
 
 @pytest.mark.ddp
-@pytest.mark.slow
 def test_fit_and_test_ddp_two_processes(tmp_path, trained):
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     fit = [sys.executable, str(ROOT / "train.py"), "fit", f"--config={TINY}", f"--trainer.default_root_dir={tmp_path}"]
