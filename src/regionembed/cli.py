@@ -4,25 +4,117 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
 
-__all__ = ["InferCLI", "TrainCLI", "infer_main", "train_main"]
+__all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
 
-DEFAULT_INFER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "infer" / "maskinversion.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_INFER_CONFIG = REPO_ROOT / "configs" / "infer" / "maskinversion.yaml"
+PRETRAINED_KEY = "model.init_args.backbone.init_args.pretrained"
+
+#: ``infer.py single --model`` shortcuts: (open_clip architecture, ``pretrained``)
+SINGLE_MODELS: dict[str, tuple[str, str | None]] = {
+    "synthetic": ("re-small-vit", "regionembed:clip_synthetic"),
+    "tiny": ("re-tiny-vit", None),
+}
 
 
-class InferCLI(LightningCLI):
-    """``test`` and ``predict`` with inference mode off (MaskInversion optimises inside the loop) and a writer."""
+class CLIError(RuntimeError):
+    """A problem with the command line or the files it names, reported as one line by the entry points."""
 
-    def __init__(self, *args, **kwargs) -> None:
+
+def quiet_known_noise() -> None:
+    """Drop Lightning's advertising tips and a known deprecation notice from the console; real warnings stay."""
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip:")
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    # torch 2.10+ deprecates LeafSpec, which Lightning 2.6 still uses internally; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning 2.6's SaveConfigCallback passes jsonargparse's deprecated skip_none
+    warnings.filterwarnings("ignore", message=r"\s*skip_none parameter was deprecated")
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a nested jsonargparse Namespace / dict."""
+    items = vars(node).items() if hasattr(node, "__dict__") and not isinstance(node, dict) else None
+    if items is None and isinstance(node, dict):
+        items = node.items()
+    if items is None:
+        yield prefix, node
+        return
+    for key, value in items:
+        yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def _root_cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``err``'s cause/context chain (jsonargparse wraps errors)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _RegionembedCLI(LightningCLI):
+    """What both entry points share: quiet console, one-line errors for unavailable weights."""
+
+    #: the way out per config key, named in error messages (``single`` points ``pretrained`` at ``--weights``)
+    flag_names: dict[str, str] = {}
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _root_cause(err, PretrainedWeightsUnavailable)
+            if cause is None:
+                raise
+            remedy = self.flag_names.get(
+                PRETRAINED_KEY, f"set --{PRETRAINED_KEY}=FILE to a local weights file (.safetensors, .bin, .pt)"
+            )
+            raise PretrainedWeightsUnavailable(f"{cause.reason}: {remedy}", reason=cause.reason) from err
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).expanduser().is_file():
+            raise CLIError(
+                f"checkpoint not found: ckpt_path={ckpt}. It is written by a training run (`python train.py fit "
+                f"--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
+                "model as configured instead (e.g. the zero-shot backbone)"
+            )
+
+
+class InferCLI(_RegionembedCLI):
+    """``test`` and ``predict`` with inference mode off (MaskInversion optimises inside the loop) and a writer.
+
+    A run's ``config.yaml`` goes next to its results (the writer's folder for ``predict``, the folder of the model's
+    ``results_path`` for ``test``) unless ``trainer.default_root_dir`` is set; the end of a run prints where
+    everything was written.
+    """
+
+    def __init__(self, *args, flag_names: dict[str, str] | None = None, **kwargs) -> None:
+        self.flag_names = dict(flag_names or {})
         kwargs.setdefault("trainer_defaults", {})
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs["trainer_defaults"]}
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -34,6 +126,15 @@ class InferCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"test": {"model", "dataloaders", "datamodule"}, "predict": {"model", "dataloaders", "datamodule"}}
 
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `single` is translated into `predict` before parsing (see `single_args`); listed here for --help
+        parser._subcommands_action.add_subcommand(
+            "single",
+            argparse.ArgumentParser(prog="infer.py single", add_help=False),
+            help="MaskInversion on one image and its mask files (see `infer.py single --help`)",
+        )
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
@@ -44,8 +145,47 @@ class InferCLI(LightningCLI):
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        backbone = getattr(self.model, "backbone", None)
+        config = self.config[self.subcommand]
+        if backbone is not None and getattr(backbone, "pretrained", "") is None and not config.get("ckpt_path"):
+            rank_zero_warn(
+                f"{type(backbone).__name__}({getattr(backbone, 'model_name', '')!r}) has RANDOM weights "
+                "(pretrained: null): its maps, embeddings and prompt probabilities mean nothing. Use real weights "
+                "for results (`infer.py single --help` lists the choices)."
+            )
 
-class TrainCLI(LightningCLI):
+    def _results_path(self, config) -> str | None:
+        return dict(_walk(config)).get("model.init_args.results_path")
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand]
+        if config.trainer.get("default_root_dir") is None:
+            results = self._results_path(config)
+            target = Path(results).parent if self.subcommand == "test" and results else config.writer.output_dir
+            config.trainer.default_root_dir = str(target)
+
+    def _report(self) -> None:
+        config = self.config[self.subcommand]
+        lines = []
+        if self.subcommand == "predict":
+            lines.append(f"results (embeddings, overlays, manifest per image): {Path(config.writer.output_dir)}/")
+        results = self._results_path(config)
+        if results:
+            lines.append(f"results table (JSON): {results}")
+        lines.append(f"run config: {Path(self.trainer.log_dir or config.trainer.default_root_dir) / 'config.yaml'}")
+        rank_zero_info("\n".join(lines))
+
+    def after_predict(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+
+class TrainCLI(_RegionembedCLI):
     """``fit``/``validate``/``test`` for the trainable baselines (any LightningModule given by class path)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -63,23 +203,111 @@ class TrainCLI(LightningCLI):
         }
 
 
-def single_args(argv: Sequence[str]) -> list[str]:
-    """Translate ``single IMAGE MASK... [--prompts ...]`` into ``predict`` arguments of :class:`InferCLI`."""
+SINGLE_EPILOG = """\
+Models (--model):
+  ViT-B-16 (default)  OpenAI CLIP ViT-B/16; --weights openai downloads it from the Hugging Face hub, offline give a
+                      local weights file: --weights /path/to/open_clip_model.safetensors (.bin/.pt also work)
+  synthetic           the CLIP this project trains on its synthetic world (no download; it knows coloured shapes,
+                      not photos)
+  tiny                a tiny random model: checks the pipeline, its maps and probabilities mean nothing
+  NAME                any open_clip model name (open_clip.list_models()), with --weights TAG_OR_FILE
+
+Anything else is passed on to `infer.py predict` (write --key=value), e.g.
+  --model.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
+--config FILE adds YAML fragments on top of the defaults (configs/infer/maskinversion.yaml), in order.
+
+Examples:
+  infer.py single photo.jpg cat.png dog.png --prompts "a cat" "a dog" --weights ~/clip/ViT-B-16.safetensors
+  infer.py single scene.png region.png --model synthetic --prompts "a red circle" "a blue square"
+"""
+
+
+def _single_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infer.py single",
-        description="MaskInversion on one image: embeddings, overlays and prompt matching in --output.",
+        description="MaskInversion on one image: a localized embedding per mask, its map overlaid on the image, and "
+        "optional prompt matching, written to --output.",
+        epilog=SINGLE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    parser.add_argument("image", help="image file")
-    parser.add_argument("masks", nargs="+", help="mask files (grey or RGBA PNG, 0/255 or 0/1), same size as image")
-    parser.add_argument("--prompts", nargs="*", default=None, help="texts to match each region against")
-    parser.add_argument("--output", default="outputs/single", help="output directory")
+    parser.add_argument("image", help="image file (jpg, png, bmp, webp, tif)")
+    parser.add_argument("masks", nargs="+", help="mask files, the image's size (grey/RGB/RGBA/palette; 0/255 or 0/1)")
+    parser.add_argument("--prompts", nargs="+", default=None, help="texts to match each region against")
     parser.add_argument(
-        "--config", action="append", default=None, help="config file(s), stacked in order (default: maskinversion)"
+        "--templates", nargs="+", default=None, help='prompt templates averaged per prompt, e.g. "a photo of a {}."'
     )
-    args, overrides = parser.parse_known_args(list(argv))
+    parser.add_argument("--model", default=None, help="synthetic, tiny, or an open_clip model name (default ViT-B-16)")
+    parser.add_argument(
+        "--weights", default=None, help="hub tag (openai) or local weights file for --model; 'none' for random init"
+    )
+    parser.add_argument("--output", default="outputs/single", help="output folder (default: outputs/single)")
+    parser.add_argument("--config", action="append", default=None, help="YAML fragment(s) stacked on the defaults")
+    return parser
+
+
+def _split_overrides(argv: Sequence[str], own: set[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--key[=value]`` options that ``single`` does not know (passed on to predict) from its own.
+
+    argparse would take an unknown option containing a space (``--x=["a photo of a {}."]``) for a positional value,
+    i.e. a prompt; splitting first means options are never swallowed as prompts or masks.
+    """
+    mine, passed = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and token != "--" and token.split("=", 1)[0] not in own:
+            passed.append(token)
+            if "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                passed.append(argv[i + 1])
+                i += 1
+        else:
+            mine.append(token)
+        i += 1
+    return mine, passed
+
+
+def _backbone_for(model: str, weights: str | None) -> dict[str, Any]:
+    """The ``model.init_args.backbone`` config for ``single``'s ``--model``/``--weights``."""
+    import open_clip
+
+    if model in SINGLE_MODELS:
+        name, pretrained = SINGLE_MODELS[model]
+        if weights is not None:
+            raise CLIError(f"--model {model} chooses its own weights; drop --weights {weights}")
+    else:
+        name = model
+        if name not in open_clip.list_models():
+            raise CLIError(
+                f"--model {name}: not an open_clip model nor one of {sorted(SINGLE_MODELS)} "
+                "(open_clip.list_models() lists the names)"
+            )
+        if weights is None:
+            raise CLIError(f"--model {name} needs --weights: a hub tag (e.g. openai), a local weights file, or none")
+        pretrained = None if weights.lower() == "none" else weights
+    config = open_clip.get_model_config(name) or {}
+    resnet = isinstance(config.get("vision_cfg", {}).get("layers"), list | tuple)
+    cls = "OpenCLIPResNetBackbone" if resnet else "OpenCLIPBackbone"
+    return {"class_path": f"regionembed.backbones.{cls}", "init_args": {"model_name": name, "pretrained": pretrained}}
+
+
+def single_args(argv: Sequence[str]) -> list[str]:
+    """Translate ``single IMAGE MASK... [--prompts ...] [--model ...]`` into ``predict`` arguments of InferCLI.
+
+    ``--config`` fragments stack on the defaults (``configs/infer/maskinversion.yaml``); unknown ``--key=value``
+    options are passed on unchanged.
+
+    Raises:
+        CLIError: an unknown ``--model`` or a ``--model``/``--weights`` combination that cannot work.
+    """
+    parser = _single_parser()
+    own = {opt for action in parser._actions for opt in action.option_strings}
+    mine, overrides = _split_overrides(list(argv), own)
+    args = parser.parse_args(mine)
     out = [
         "predict",
-        *(f"--config={c}" for c in (args.config or [str(DEFAULT_INFER_CONFIG)])),
+        f"--config={DEFAULT_INFER_CONFIG}",
+        *(f"--config={c}" for c in args.config or []),
         "--data=regionembed.data.RegionFolderDataModule",
         "--data.root=null",
         f"--data.image={args.image}",
@@ -87,27 +315,52 @@ def single_args(argv: Sequence[str]) -> list[str]:
         f"--writer.output_dir={args.output}",
         "--return_predictions=false",
     ]
+    if args.model is not None or args.weights is not None:
+        backbone = _backbone_for(args.model or "ViT-B-16", args.weights)
+        out.append(f"--model.init_args.backbone={json.dumps(backbone)}")
     if args.prompts:
         out.append(f"--model.init_args.prompts={json.dumps(list(args.prompts))}")
+    if args.templates:
+        out.append(f"--model.init_args.prompt_templates={json.dumps(list(args.templates))}")
     return out + overrides
+
+
+SINGLE_FLAGS = {
+    PRETRAINED_KEY: "give a local weights file with --weights FILE (.safetensors, .bin, .pt), or try --model synthetic"
+}
+
+
+def _run(make_cli, argv: Sequence[str] | None):
+    """Run a CLI; from the command line (``argv is None``) user errors print one line and exit with status 2."""
+    quiet_known_noise()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if argv is not None:
+        return make_cli(list(argv))
+    try:
+        return make_cli(None)
+    except (CLIError, PretrainedWeightsUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def infer_main(argv: Sequence[str] | None = None) -> InferCLI:
     """``python infer.py {test,predict} --config ...`` or ``python infer.py single IMAGE MASK...``."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if argv is None:
-        # Read sys.argv through LightningCLI (args=None): DDP launchers re-run this script with sys.argv, so the
-        # translated single-image arguments are written back there.
-        if sys.argv[1:2] == ["single"]:
-            sys.argv = [sys.argv[0], *single_args(sys.argv[2:])]
-        return InferCLI(args=None)
-    argv = list(argv)
-    if argv and argv[0] == "single":
-        argv = single_args(argv[1:])
-    return InferCLI(args=argv)
+
+    def make(args: list[str] | None) -> InferCLI:
+        if args is None:
+            # Read sys.argv through LightningCLI (args=None): DDP launchers re-run this script with sys.argv, so
+            # the translated single-image arguments are written back there.
+            if sys.argv[1:2] == ["single"]:
+                sys.argv = [sys.argv[0], *single_args(sys.argv[2:])]
+                return InferCLI(args=None, flag_names=SINGLE_FLAGS)
+            return InferCLI(args=None)
+        if args and args[0] == "single":
+            return InferCLI(args=single_args(args[1:]), flag_names=SINGLE_FLAGS)
+        return InferCLI(args=args)
+
+    return _run(make, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> TrainCLI:
     """``python train.py {fit,validate,test} --config ...``."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    return TrainCLI(args=None if argv is None else list(argv))
+    return _run(lambda args: TrainCLI(args=args), argv)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -21,7 +22,7 @@ from .weights import (
     hub_offline,
     load_lightning_backbone_state,
     looks_like_path,
-    offline_message,
+    offline_error,
     resolve_local_file,
 )
 
@@ -33,6 +34,26 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 #: tiny architectures shipped with regionembed for tests and smoke runs (random init only; ``re-tiny-rn`` is a
 #: ModifiedResNet for :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`, the others are ViTs)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+
+
+class _DropOpenCLIPErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}open_clip{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_errors(active: bool) -> Iterator[None]:
+    """Offline, open_clip logs its failed download on the root logger before raising; the error re-raised here says
+    the same with the way out, so that log line is dropped (only while ``active``)."""
+    if not active:
+        yield
+        return
+    drop, root = _DropOpenCLIPErrors(), logging.getLogger()  # open_clip calls logging.error(): the root logger
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
@@ -60,14 +81,13 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
     example = f"OpenCLIPBackbone({model_name!r}, pretrained='/path/to/open_clip_model.safetensors')"
     offline = hub_offline()
     if offline and not os.environ.get("HF_HUB_OFFLINE"):  # unreachable: fail now instead of after long retries
-        raise PretrainedWeightsUnavailable(offline_message(f"open_clip weights {model_name}/{pretrained}", example))
+        raise offline_error(f"open_clip weights {model_name}/{pretrained}", example)
     try:
-        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+        with _quiet_open_clip_errors(offline):
+            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
     except Exception as err:  # hub errors come in many types; re-raise with the way out
         if offline:
-            raise PretrainedWeightsUnavailable(
-                offline_message(f"open_clip weights {model_name}/{pretrained}", example)
-            ) from err
+            raise offline_error(f"open_clip weights {model_name}/{pretrained}", example) from err
         raise
 
 

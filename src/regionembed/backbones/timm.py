@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_message, resolve_local_file
+from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_error, resolve_local_file
 
 
 class TimmBackbone(Backbone):
@@ -52,12 +52,10 @@ class TimmBackbone(Backbone):
             load = True
         elif pretrained is True:
             if hub_offline() and not os.environ.get("HF_HUB_OFFLINE"):
-                raise PretrainedWeightsUnavailable(
-                    offline_message(
+                raise offline_error(
                         f"timm weights {model_name}",
                         f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')",
                     )
-                )
             load = True
         else:
             load = False
@@ -67,9 +65,7 @@ class TimmBackbone(Backbone):
             self.model = timm.create_model(model_name, pretrained=load, **kwargs)
         except Exception as err:
             if pretrained is True and hub_offline():
-                raise PretrainedWeightsUnavailable(
-                    offline_message(f"timm weights {model_name}", "pretrained='/path/to/model.safetensors'")
-                ) from err
+                raise offline_error(f"timm weights {model_name}", "pretrained='/path/to/model.safetensors'") from err
             raise
         if not isinstance(self.model, VisionTransformer) or self.model.attn_pool is not None:
             raise UnsupportedModelError(f"{model_name}: only timm VisionTransformer without attention pooling")

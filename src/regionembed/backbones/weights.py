@@ -11,7 +11,15 @@ HUB_HOST = "huggingface.co"
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """Raised when pretrained weights cannot be obtained (offline, missing file)."""
+    """Raised when pretrained weights cannot be obtained (offline, missing file).
+
+    Attributes:
+        reason: what went wrong without the Python remedy, for entry points that name their own flag instead.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def looks_like_path(pretrained: str) -> bool:
@@ -62,11 +70,15 @@ def hub_offline(timeout: float = 3.0) -> bool:
         return True
 
 
-def offline_message(what: str, example: str) -> str:
-    """The message shown when a hub download is impossible."""
-    return (
+def offline_error(what: str, example: str) -> PretrainedWeightsUnavailable:
+    """The error raised when a hub download is impossible; ``example`` shows the Python way out."""
+    reason = (
         f"{what} must be downloaded from the Hugging Face hub, which is not reachable from this machine "
-        "(or HF_HUB_OFFLINE is set and no cached copy exists). Download the weights on a machine with network "
-        f"access and point `pretrained` at the local file instead, e.g. {example}. Files ending in "
-        f"{', '.join(WEIGHT_SUFFIXES)} are accepted; safetensors or weights-only checkpoints load safely."
+        "(or HF_HUB_OFFLINE is set and no cached copy exists)"
+    )
+    return PretrainedWeightsUnavailable(
+        f"{reason}. Download the weights on a machine with network access and point `pretrained` at the local file "
+        f"instead, e.g. {example}. Files ending in {', '.join(WEIGHT_SUFFIXES)} are accepted; safetensors or "
+        "weights-only checkpoints load safely.",
+        reason=reason,
     )

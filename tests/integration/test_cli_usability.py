@@ -1,0 +1,115 @@
+"""What a first-time user meets on the command line: help, stacked configs, model shortcuts, one-line errors,
+outputs that say where they went and never land in the working directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regionembed.cli import CLIError, infer_main, single_args
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
+FAST = ["--model.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_help_lists_single_and_single_help_names_the_models():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), "--help"], capture_output=True, text=True, env=_env(), timeout=120
+    )
+    assert run.returncode == 0 and "{test,predict,single}" in run.stdout
+    with pytest.raises(SystemExit) as exit_:
+        single_args(["--help"])
+    assert exit_.value.code == 0
+
+
+def test_single_help_text_says_which_model_and_the_hub(capsys):
+    with pytest.raises(SystemExit):
+        single_args(["--help"])
+    text = capsys.readouterr().out
+    assert "ViT-B-16 (default)" in text and "Hugging Face hub" in text and "synthetic" in text and "tiny" in text
+
+
+def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog):
+    """`--config configs/backbone/tiny.yaml` alone used to replace the defaults and fail; now it stacks."""
+    out = tmp_path / "out"
+    masks = region_folder / "masks" / "a"
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
+        infer_main(
+            ["single", str(region_folder / "images" / "a.png"), str(masks / "grey.png"), "--config", TINY]
+            + ["--output", str(out), *FAST]
+        )
+    assert (out / "a" / "manifest.json").is_file()
+    assert (out / "config.yaml").is_file(), "the run's config belongs with its outputs"
+    assert not (tmp_path / "config.yaml").exists(), "nothing in the working directory"
+    assert f"{out}/" in caplog.text and "config.yaml" in caplog.text  # where did it go: printed at the end
+
+
+def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path):
+    out = tmp_path / "out"
+    masks = region_folder / "masks" / "a"
+    infer_main(
+        ["single", str(region_folder / "images" / "a.png"), str(masks / "grey.png"), "--model", "tiny"]
+        + ["--prompts", "a cat", "a dog", '--model.init_args.prompt_templates=["a photo of a {}."]']
+        + ["--output", str(out), *FAST]
+    )
+    manifest = json.loads((out / "a" / "manifest.json").read_text())
+    assert manifest["prompts"] == ["a cat", "a dog"]
+    saved = (out / "config.yaml").read_text()
+    assert "a photo of a {}." in saved and "re-tiny-vit" in saved
+
+
+def test_single_translation():
+    args = single_args(["img.png", "m.png", "--model", "synthetic", "--templates", "a {}.", "--trainer.devices", "2"])
+    backbone = json.loads(next(a for a in args if a.startswith("--model.init_args.backbone=")).split("=", 1)[1])
+    assert backbone["init_args"] == {"model_name": "re-small-vit", "pretrained": "regionembed:clip_synthetic"}
+    assert '--model.init_args.prompt_templates=["a {}."]' in args
+    assert args[-2:] == ["--trainer.devices", "2"]
+    rn = single_args(["i.png", "m.png", "--model", "RN50", "--weights", "none"])
+    assert '"regionembed.backbones.OpenCLIPResNetBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "not-a-model"], r"--model not-a-model: not an open_clip model"),
+        (["--model", "ViT-B-32"], r"--model ViT-B-32 needs --weights"),
+        (["--model", "tiny", "--weights", "x.pt"], r"--model tiny chooses its own weights"),
+    ],
+)
+def test_bad_model_choices_are_named(argv, message):
+    with pytest.raises(CLIError, match=message):
+        single_args(["img.png", "m.png", *argv])
+
+
+def test_offline_default_model_is_one_line_naming_the_flag(region_folder, tmp_path):
+    masks = region_folder / "masks" / "a"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), "single", str(region_folder / "images" / "a.png")]
+        + [str(masks / "grey.png"), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and "💡" not in run.stderr + run.stdout
+    errors = [line for line in run.stderr.splitlines() if "Hugging Face hub" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "--weights FILE" in errors[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_missing_checkpoint_says_how_to_make_it(tmp_path):
+    with pytest.raises(CLIError, match=r"checkpoint not found: ckpt_path=nope\.ckpt.*--ckpt_path=null"):
+        infer_main(["test", f"--config={ROOT / 'configs' / 'tests' / 'tiny_region_cls.yaml'}", "--ckpt_path=nope.ckpt"])
