@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -80,7 +80,7 @@ class _RegionembedCLI(LightningCLI):
     """What both entry points share: quiet console, one-line errors for unavailable weights."""
 
     #: the way out per config key, named in error messages (``single`` points ``pretrained`` at ``--weights``)
-    flag_names: dict[str, str] = {}
+    flag_names: ClassVar[dict[str, str]] = {}
 
     def instantiate_classes(self) -> None:
         try:

@@ -46,8 +46,16 @@ def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog)
     masks = region_folder / "masks" / "a"
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
         infer_main(
-            ["single", str(region_folder / "images" / "a.png"), str(masks / "grey.png"), "--config", TINY]
-            + ["--output", str(out), *FAST]
+            [
+                "single",
+                str(region_folder / "images" / "a.png"),
+                str(masks / "grey.png"),
+                "--config",
+                TINY,
+                "--output",
+                str(out),
+                *FAST,
+            ]
         )
     assert (out / "a" / "manifest.json").is_file()
     assert (out / "config.yaml").is_file(), "the run's config belongs with its outputs"
@@ -59,9 +67,20 @@ def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path)
     out = tmp_path / "out"
     masks = region_folder / "masks" / "a"
     infer_main(
-        ["single", str(region_folder / "images" / "a.png"), str(masks / "grey.png"), "--model", "tiny"]
-        + ["--prompts", "a cat", "a dog", '--model.init_args.prompt_templates=["a photo of a {}."]']
-        + ["--output", str(out), *FAST]
+        [
+            "single",
+            str(region_folder / "images" / "a.png"),
+            str(masks / "grey.png"),
+            "--model",
+            "tiny",
+            "--prompts",
+            "a cat",
+            "a dog",
+            '--model.init_args.prompt_templates=["a photo of a {}."]',
+            "--output",
+            str(out),
+            *FAST,
+        ]
     )
     manifest = json.loads((out / "a" / "manifest.json").read_text())
     assert manifest["prompts"] == ["a cat", "a dog"]
@@ -95,8 +114,15 @@ def test_bad_model_choices_are_named(argv, message):
 def test_offline_default_model_is_one_line_naming_the_flag(region_folder, tmp_path):
     masks = region_folder / "masks" / "a"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), "single", str(region_folder / "images" / "a.png")]
-        + [str(masks / "grey.png"), "--output", str(tmp_path / "o")],
+        [
+            sys.executable,
+            str(ROOT / "infer.py"),
+            "single",
+            str(region_folder / "images" / "a.png"),
+            str(masks / "grey.png"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
         capture_output=True,
         text=True,
         env=_env(),

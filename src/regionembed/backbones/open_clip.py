@@ -18,7 +18,6 @@ from .alpha import load_alpha_clip_visual
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
 from .weights import (
-    PretrainedWeightsUnavailable,
     hub_offline,
     load_lightning_backbone_state,
     looks_like_path,

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_error, resolve_local_file
+from .weights import hub_offline, looks_like_path, offline_error, resolve_local_file
 
 
 class TimmBackbone(Backbone):
@@ -53,9 +53,9 @@ class TimmBackbone(Backbone):
         elif pretrained is True:
             if hub_offline() and not os.environ.get("HF_HUB_OFFLINE"):
                 raise offline_error(
-                        f"timm weights {model_name}",
-                        f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')",
-                    )
+                    f"timm weights {model_name}",
+                    f"TimmBackbone({model_name!r}, pretrained='/path/to/model.safetensors')",
+                )
             load = True
         else:
             load = False
