@@ -186,7 +186,10 @@ class InferCLI(_RegionembedCLI):
 
 
 class TrainCLI(_RegionembedCLI):
-    """``fit``/``validate``/``test`` for the trainable baselines (any LightningModule given by class path)."""
+    """``fit``/``validate``/``test`` for the trainable baselines (any LightningModule given by class path).
+
+    The end of ``fit`` prints where the checkpoints, logs, the run's config and any exported weights went.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -201,6 +204,19 @@ class TrainCLI(_RegionembedCLI):
             "validate": {"model", "dataloaders", "datamodule"},
             "test": {"model", "dataloaders", "datamodule"},
         }
+
+    def after_fit(self) -> None:
+        lines = []
+        checkpoint = self.trainer.checkpoint_callback
+        if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+            lines.append(f"checkpoints (resume with --ckpt_path <dir>/last.ckpt): {checkpoint.dirpath}/")
+        if self.trainer.log_dir:
+            lines.append(f"logs and run config: {self.trainer.log_dir}/")
+        export = self.model.hparams.get("export_path")
+        if export:
+            lines.append(f"exported weights: {export}")
+        if lines:
+            rank_zero_info("\n".join(lines))
 
 
 SINGLE_EPILOG = """\

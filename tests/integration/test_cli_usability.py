@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from regionembed.cli import CLIError, infer_main, single_args
+from regionembed.cli import CLIError, infer_main, single_args, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
@@ -139,3 +139,19 @@ def test_offline_default_model_is_one_line_naming_the_flag(region_folder, tmp_pa
 def test_missing_checkpoint_says_how_to_make_it(tmp_path):
     with pytest.raises(CLIError, match=r"checkpoint not found: ckpt_path=nope\.ckpt.*--ckpt_path=null"):
         infer_main(["test", f"--config={ROOT / 'configs' / 'tests' / 'tiny_region_cls.yaml'}", "--ckpt_path=nope.ckpt"])
+
+
+def test_fit_says_where_checkpoints_and_exports_went(tmp_path, caplog):
+    export = tmp_path / "model.safetensors"
+    with caplog.at_level(logging.INFO):
+        train_main(
+            [
+                "fit",
+                f"--config={ROOT / 'configs' / 'tests' / 'tiny_clip.yaml'}",
+                "--trainer.max_steps=1",
+                f"--trainer.default_root_dir={tmp_path / 'run'}",
+                f"--model.init_args.export_path={export}",
+            ]
+        )
+    assert export.is_file()
+    assert f"exported weights: {export}" in caplog.text and "checkpoints (resume with" in caplog.text
