@@ -12,14 +12,57 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from .backbones.attention import UnsupportedModelError
+from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
+from .outputs import check_output_dir
 
 __all__ = ["InferCLI", "TrainCLI", "infer_main", "train_main"]
 
 DEFAULT_INFER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "infer" / "maskinversion.yaml"
 
+#: errors that mean "bad setting or file" when raised while building the model and data: shown as one line
+SETTING_ERRORS = (PretrainedWeightsUnavailable, UnsupportedModelError, ValueError, FileNotFoundError, TypeError)
 
-class InferCLI(LightningCLI):
+
+class CheckFirstMixin:
+    """Check settings before any compute and report bad settings or files in one line instead of a traceback.
+
+    Errors raised while the classes are built (a corrupt weights file, ``layers`` out of range, duplicate prompts,
+    ``lr=0``) become ``error: <message>`` with exit status 2, as jsonargparse reports a bad option. Set
+    ``JSONARGPARSE_DEBUG=1`` to get the traceback instead.
+    """
+
+    def check_config(self, config) -> None:
+        """Validate the parsed ``config`` of the subcommand before instantiation (raise ``ValueError``)."""
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        try:
+            self.check_config(config)
+        except ValueError as err:
+            self.parser.error(str(err))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except SETTING_ERRORS as err:
+            self.parser.error(root_cause(err), ex=err)
+
+
+def root_cause(err: BaseException) -> str:
+    """The message of the innermost setting error in ``err``'s chain (jsonargparse wraps it in union errors)."""
+    message, seen = str(err), set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, SETTING_ERRORS) and not str(err).startswith("Does not validate"):
+            message = str(err)
+        err = err.__cause__ or err.__context__
+    return message
+
+
+class InferCLI(CheckFirstMixin, LightningCLI):
     """``test`` and ``predict`` with inference mode off (MaskInversion optimises inside the loop) and a writer."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -44,8 +87,15 @@ class InferCLI(LightningCLI):
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})
 
+    def check_config(self, config) -> None:
+        if self.subcommand == "predict":  # found now, not after the compute
+            try:
+                check_output_dir(config["writer"]["output_dir"])
+            except ValueError as err:
+                raise ValueError(f"--writer.output_dir: {err}") from err
 
-class TrainCLI(LightningCLI):
+
+class TrainCLI(CheckFirstMixin, LightningCLI):
     """``fit``/``validate``/``test`` for the trainable baselines (any LightningModule given by class path)."""
 
     def __init__(self, *args, **kwargs) -> None:

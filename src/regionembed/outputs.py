@@ -228,7 +228,7 @@ def clean_stale_staging(root: str | os.PathLike) -> int:
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
-    """Check, before any compute, that ``path`` is (or can be created as) a writable folder.
+    """Check, before any compute, that ``path`` is a writable folder, creating it if needed.
 
     Raises:
         ValueError: naming the path and what is wrong with it.
@@ -236,15 +236,12 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"output folder {path} exists and is not a folder")
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"output folder {path} cannot be created: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder {path} cannot be written: no write permission on {probe}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as err:
+        raise ValueError(f"output folder {path} cannot be created or written: {err.strerror or err}") from err
     return path
 
 

@@ -23,6 +23,7 @@ from .weights import (
     looks_like_path,
     offline_message,
     resolve_local_file,
+    weights_error,
 )
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,16 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         path = resolve_local_file(pretrained)
         if path.endswith(".ckpt"):  # a regionembed Lightning checkpoint (e.g. from train.py fit)
             model = open_clip.create_model(model_name, pretrained=None)
-            model.load_state_dict(load_lightning_backbone_state(path), strict=True)
+            state = load_lightning_backbone_state(path)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise weights_error(path, err, model_name) from err
             return model
-        return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
+        try:
+            return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
+        except Exception as err:  # torch, safetensors and open_clip raise many types; name the file either way
+            raise weights_error(path, err, model_name) from err
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         raise ValueError(

@@ -14,7 +14,14 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import PretrainedWeightsUnavailable, hub_offline, looks_like_path, offline_message, resolve_local_file
+from .weights import (
+    PretrainedWeightsUnavailable,
+    hub_offline,
+    looks_like_path,
+    offline_message,
+    resolve_local_file,
+    weights_error,
+)
 
 
 class TimmBackbone(Backbone):
@@ -66,6 +73,8 @@ class TimmBackbone(Backbone):
         try:
             self.model = timm.create_model(model_name, pretrained=load, **kwargs)
         except Exception as err:
+            if isinstance(pretrained, str) and pretrained:
+                raise weights_error(pretrained, err, model_name) from err
             if pretrained is True and hub_offline():
                 raise PretrainedWeightsUnavailable(
                     offline_message(f"timm weights {model_name}", "pretrained='/path/to/model.safetensors'")
