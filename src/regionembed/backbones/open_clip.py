@@ -122,6 +122,18 @@ class OpenCLIPModelMixin:
             texts = [texts]
         return self._tokenizer(list(texts))
 
+    def overlong_texts(self, texts: Sequence[str]) -> list[tuple[str, int, int]]:
+        tok = self._tokenizer
+        encode, context = getattr(tok, "encode", None), getattr(tok, "context_length", None)
+        if encode is None or not context or getattr(tok, "reduction_fn", None) is not None:
+            return []
+        out = []
+        for text in texts:
+            n = len(encode(text)) + 2  # start and end tokens, as the tokenizer adds them
+            if n > context:
+                out.append((text, n, int(context)))
+        return out
+
     def extra_repr(self) -> str:
         alpha = f", alpha_checkpoint={self.alpha_checkpoint!r}" if self.alpha_checkpoint else ""
         return (

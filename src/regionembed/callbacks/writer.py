@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..io import load_image, save_json, save_png, save_safetensors
 from ..outputs import (
@@ -237,13 +239,14 @@ class InversionWriter(BasePredictionWriter):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
-        log.info(
-            "rank %d: %d image(s) written, %d already up to date (use --writer.overwrite=true to recompute them)",
-            trainer.global_rank,
-            self.written,
-            self.skipped,
+        # a collective: also keeps the lock until every rank has written its images
+        counts = torch.tensor([self.written, self.skipped], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        written, skipped = (int(c) for c in counts)
+        rank_zero_info(
+            f"{self.output_dir}: {written} image(s) written, {skipped} already up to date"
+            + (" (skipped; --writer.overwrite=true recomputes them)" if skipped else "")
         )
-        trainer.strategy.barrier()  # keep the lock until every rank has written its images
         self._finish()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

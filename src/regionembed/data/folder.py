@@ -212,12 +212,15 @@ class RegionFolderDataModule(L.LightningDataModule):
                     f"`test` over {len(self.dataset)} image(s) cannot use {ranks} processes (every process needs at "
                     f"least one image): set --trainer.devices to at most {len(self.dataset)}"
                 )
-            log.warning(
-                "%d image(s) over %d processes: %d process(es) will idle",
-                len(self.dataset),
-                ranks,
-                ranks - len(self.dataset),
-            )
+            # prediction needs no collective per batch: extra ranks may idle (Lightning asks to be told)
+            self.allow_zero_length_dataloader_with_multiple_devices = True
+            if self.trainer.global_rank == 0:
+                log.warning(
+                    "%d image(s) over %d processes: %d process(es) will idle",
+                    len(self.dataset),
+                    ranks,
+                    ranks - len(self.dataset),
+                )
 
     def _loader(self) -> DataLoader:
         replicas, rank = world()
