@@ -74,7 +74,7 @@ def safe_filename(name: str, force_hash: bool = False) -> str:
     Plain names (ASCII letters, digits, ``_``, and ``.``/``-``/space after the first character, at most 100
     characters, not a Windows device name such as ``CON`` or ``nul.txt``) are returned unchanged. Anything else
     (``..``, ``../../evil``, ``/abs``, ``~``, NUL bytes, non-ASCII, leading dots) becomes ``<slug>~<hash>``: the
-    plain characters of the name and 12 hex digits of its SHA-256, so distinct names stay distinct and the result
+    letters, digits, ``_`` and ``-`` of the name and 12 hex digits of its SHA-256, so distinct names stay distinct and the result
     never contains a path separator. ``~`` never occurs in plain names, so encoded and plain names cannot collide.
 
     Args:
@@ -85,7 +85,8 @@ def safe_filename(name: str, force_hash: bool = False) -> str:
         raise TypeError(f"names must be strings, got {type(name).__name__}: {name!r}")
     if not force_hash and _is_plain(name):
         return name
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._- ")[:48] or "x"
+    # no dots in the slug: Windows reserves device names whatever follows the first dot ("nul.txt~...")
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:48] or "x"
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{slug}~{digest}"
 
@@ -160,6 +161,14 @@ def _mkdtemp(root: Path, prefix: str, suffix: str) -> Path:
     return path
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
 def write_staged_folder(root: str | os.PathLike, name: str, fill: Callable[[Path], None]) -> Path:
     """Create ``root/name`` as a whole: ``fill(staging)`` writes the files, then the folder is swapped in.
 
@@ -170,15 +179,22 @@ def write_staged_folder(root: str | os.PathLike, name: str, fill: Callable[[Path
     regions that no longer exist) disappear with it.
 
     Raises:
-        ConcurrentWriteError: another writer created ``root/name`` during the swap (nothing of ours is left).
+        ConcurrentWriteError: another writer created or replaced ``root/name`` meanwhile (its folder is kept, ours
+            discarded).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = _inside(root, name)
+    before = _identity(final)
     staging = _mkdtemp(root, f".{name}.", ".staging")
     old: Path | None = None
     try:
         fill(staging)
+        if _identity(final) != before:
+            raise ConcurrentWriteError(
+                f"another writer wrote {final} while this one was writing it; two runs must not write the same image "
+                "into one output folder (this run's files for it were discarded)"
+            )
         if final.exists() or final.is_symlink():
             old = root / f"{staging.name[: -len('.staging')]}.old"
             os.rename(final, old)
