@@ -52,14 +52,15 @@ class CheckFirstMixin:
 
 
 def root_cause(err: BaseException) -> str:
-    """The message of the innermost setting error in ``err``'s chain (jsonargparse wraps it in union errors)."""
-    message, seen = str(err), set()
+    """The message of the outermost of our errors in ``err``'s chain (jsonargparse wraps them in its own)."""
+    first, seen = err, set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, SETTING_ERRORS) and not str(err).startswith("Does not validate"):
-            message = str(err)
+        text = str(err)
+        if isinstance(err, SETTING_ERRORS) and not text.startswith(("Does not validate", "Problem with given")):
+            return text
         err = err.__cause__ or err.__context__
-    return message
+    return str(first)
 
 
 class InferCLI(CheckFirstMixin, LightningCLI):

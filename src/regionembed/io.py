@@ -214,11 +214,24 @@ def save_json(obj: Any, path: str | os.PathLike) -> None:
         fh.write("\n")
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """Sort the metadata keys of serialised safetensors: the library writes them in a per-process hash order, so the
+    same content would give different bytes in different runs (and a resumed run would not match a straight one)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > n:  # cannot happen for the same content; keep the library's bytes rather than break the file
+        return data
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n :]
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Atomically write tensors (made contiguous, on CPU) to a safetensors file."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    data = _canonical_header(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
     with atomic_write(path, "wb") as fh:
         fh.write(data)
 

@@ -74,8 +74,9 @@ def safe_filename(name: str, force_hash: bool = False) -> str:
     Plain names (ASCII letters, digits, ``_``, and ``.``/``-``/space after the first character, at most 100
     characters, not a Windows device name such as ``CON`` or ``nul.txt``) are returned unchanged. Anything else
     (``..``, ``../../evil``, ``/abs``, ``~``, NUL bytes, non-ASCII, leading dots) becomes ``<slug>~<hash>``: the
-    letters, digits, ``_`` and ``-`` of the name and 12 hex digits of its SHA-256, so distinct names stay distinct and the result
-    never contains a path separator. ``~`` never occurs in plain names, so encoded and plain names cannot collide.
+    letters, digits, ``_`` and ``-`` of the name and 12 hex digits of its SHA-256, so distinct names stay distinct
+    and the result never contains a path separator. ``~`` never occurs in plain names, so encoded and plain names
+    cannot collide.
 
     Args:
         name: the untrusted name (an image id, a region name).

@@ -61,9 +61,9 @@ def _list_images(folder: Path, what: str) -> list[Path]:
 def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
     """List ``(image, [mask, ...])`` pairs of a region folder; raise naming the missing, extra or clashing files.
 
-    Only files inside ``root/images`` and ``root/masks/<id>`` are read: an image id that cannot name a folder there
-    (``.``, ``..``) is refused, as are ids that differ only in case (their output folders would merge on macOS and
-    Windows).
+    Only files inside ``root/images`` and ``root/masks/<id>`` are read. Hidden files (names starting with ``.``,
+    which includes ``..png`` whose id ``.`` could not name a mask folder) are skipped with a warning; ids that
+    differ only in case are refused (their output folders would merge on macOS and Windows).
     """
     root = Path(root)
     images_dir, masks_dir = root / "images", root / "masks"
@@ -73,11 +73,6 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
     images = _list_images(images_dir, "images/")
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
-    bad = [p.name for p in images if p.stem in (".", "..")]
-    if bad:
-        raise ValueError(
-            f"images {bad} in {images_dir} have ids ('.', '..') that cannot name a mask folder: rename them"
-        )
     folded: dict[str, list[str]] = {}
     for p in images:
         folded.setdefault(p.stem.casefold(), []).append(p.name)
@@ -88,7 +83,9 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
         d.name for d in masks_dir.iterdir() if not d.name.startswith(".") and d.name not in {p.stem for p in images}
     )
     if orphans:
-        raise ValueError(f"{masks_dir} has mask folders without an image in {images_dir}: {orphans}")
+        raise ValueError(
+            f"{masks_dir} has entries that are no image's mask folder (no such image in {images_dir}): {orphans}"
+        )
     items = []
     for image in images:
         region_dir = masks_dir / image.stem

@@ -23,13 +23,13 @@ __all__ = ["ContrastiveModule", "check_optimizer_settings", "cosine_with_warmup"
 def check_optimizer_settings(**settings: float | None) -> None:
     """Refuse learning rates that are not positive and negative warmups, naming the setting.
 
-    Keyword names ending in ``lr`` must be > 0 (or None, meaning "use the default"); ``warmup_steps`` must be >= 0.
+    Learning rates (``lr``, ``lr_alpha``, ``combiner_lr``) must be > 0 (or None, meaning "use the default"); ``warmup_steps`` must be >= 0.
     A zero learning rate trains nothing and a negative warmup silently skips the warmup: both are mistakes.
     """
     for name, value in settings.items():
         if value is None:
             continue
-        if name.endswith("lr") and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        if "lr" in name.split("_") and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive learning rate, got {value!r}")
         if name == "warmup_steps" and not value >= 0:
             raise ValueError(f"warmup_steps must be >= 0, got {value!r}")
