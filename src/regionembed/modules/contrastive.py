@@ -24,7 +24,8 @@ def check_optimizer_settings(**settings: float | None) -> None:
     """Refuse learning rates that are not positive and negative warmups, naming the setting.
 
     Learning rates (``lr``, ``lr_alpha``, ``combiner_lr``) must be > 0 (or None, meaning "use the default");
-    ``warmup_steps`` must be >= 0. A zero learning rate trains nothing and a negative warmup silently skips the warmup: both are mistakes.
+    ``warmup_steps`` must be >= 0. A zero learning rate trains nothing and a negative warmup silently skips the
+    warmup: both are mistakes.
     """
     for name, value in settings.items():
         if value is None:
