@@ -22,7 +22,7 @@ __all__ = ["InferCLI", "TrainCLI", "infer_main", "train_main"]
 DEFAULT_INFER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "infer" / "maskinversion.yaml"
 
 #: errors that mean "bad setting or file" when raised while building the model and data: shown as one line
-SETTING_ERRORS = (PretrainedWeightsUnavailable, UnsupportedModelError, ValueError, FileNotFoundError, TypeError)
+SETTING_ERRORS = (PretrainedWeightsUnavailable, UnsupportedModelError, ValueError, FileNotFoundError)
 
 
 class CheckFirstMixin:
@@ -30,7 +30,7 @@ class CheckFirstMixin:
 
     Errors raised while the classes are built (a corrupt weights file, ``layers`` out of range, duplicate prompts,
     ``lr=0``) become ``error: <message>`` with exit status 2, as jsonargparse reports a bad option. Set
-    ``JSONARGPARSE_DEBUG=1`` to get the traceback instead.
+    ``JSONARGPARSE_DEBUG=true`` to get the traceback instead.
     """
 
     def check_config(self, config) -> None:

@@ -255,3 +255,9 @@ def test_output_lock_of_a_killed_process_is_released(tmp_path):
         proc.kill()
         proc.wait()
     OutputLock(out).acquire().release()
+
+
+def test_writer_expands_home_in_the_output_folder():
+    from regionembed.callbacks import InversionWriter
+
+    assert InversionWriter(output_dir="~/maskinv").output_dir == str(Path.home() / "maskinv")  # not ./~/maskinv

@@ -165,14 +165,14 @@ class InversionWriter(BasePredictionWriter):
     so a killed run resumes where it stopped. Predictions are not kept in memory.
 
     Args:
-        output_dir: where the per-image folders go.
+        output_dir: where the per-image folders go (``~`` is expanded).
         overlays: also write overlay PNGs.
         overwrite: recompute and rewrite every image, even those already up to date.
     """
 
     def __init__(self, output_dir: str = "outputs/maskinversion", overlays: bool = True, overwrite: bool = False):
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.output_dir = str(Path(output_dir).expanduser())  # `--writer.output_dir=~/x` is not expanded by shells
         self.overlays = overlays
         self.overwrite = overwrite
         self.written = 0
