@@ -139,6 +139,16 @@ def test_image_named_dots_writes_inside_the_output_folder(tmp_path):
     assert (folder / "embeddings.safetensors").is_file() and (folder / "overlays" / "m.png").is_file()
 
 
+def test_single_form_with_an_image_named_dots(tmp_path):
+    """The issue's command: ``infer.py single "<dir>/...png" mask.png --output out/x``."""
+    image = _image(tmp_path / "data" / "...png")
+    mask = _mask(tmp_path / "data" / "mask.png")
+    out = tmp_path / "out" / "x"
+    infer_main(["single", str(image), str(mask), "--output", str(out), "--config", CONFIG, "--config", TINY, *FAST])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
+    assert [json.loads((out / d / "manifest.json").read_text())["image_id"] for d in _image_dirs(out)] == [".."]
+
+
 def test_image_named_dot_png_writes_inside_the_output_folder(tmp_path):
     image = _image(tmp_path / "data" / "..png")  # image id "."
     out = tmp_path / "out"
