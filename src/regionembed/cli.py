@@ -16,8 +16,10 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .backbones.attention import UnsupportedModelError
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
+from .outputs import check_output_dir
 
 __all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
 
@@ -31,9 +33,24 @@ SINGLE_MODELS: dict[str, tuple[str, str | None]] = {
     "tiny": ("re-tiny-vit", None),
 }
 
+#: errors that mean "bad setting or file" when raised while building the model and data: shown as one line
+SETTING_ERRORS = (PretrainedWeightsUnavailable, UnsupportedModelError, ValueError, FileNotFoundError)
+
 
 class CLIError(RuntimeError):
     """A problem with the command line or the files it names, reported as one line by the entry points."""
+
+
+def root_cause(err: BaseException) -> str:
+    """The message of the outermost of our errors in ``err``'s chain (jsonargparse wraps them in its own)."""
+    first, seen = err, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if isinstance(err, SETTING_ERRORS) and not text.startswith(("Does not validate", "Problem with given")):
+            return text
+        err = err.__cause__ or err.__context__
+    return str(first)
 
 
 def quiet_known_noise() -> None:
@@ -77,32 +94,45 @@ def _root_cause(err: BaseException, kind: type[BaseException]) -> BaseException 
 
 
 class _RegionembedCLI(LightningCLI):
-    """What both entry points share: quiet console, one-line errors for unavailable weights."""
+    """What both entry points share: settings checked before any compute, bad settings or files reported in one line.
+
+    Errors raised while the classes are built (a corrupt weights file, ``layers`` out of range, duplicate prompts,
+    ``lr=0``, weights that need the hub offline) become ``error: <message>`` with exit status 2, as jsonargparse
+    reports a bad option. Set ``JSONARGPARSE_DEBUG=true`` to get the traceback instead.
+    """
 
     #: the way out per config key, named in error messages (``single`` points ``pretrained`` at ``--weights``)
     flag_names: ClassVar[dict[str, str]] = {}
 
+    def check_config(self, config) -> None:
+        """Validate the parsed ``config`` of the subcommand before instantiation (raise ``ValueError``)."""
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).expanduser().is_file():
+            raise ValueError(
+                f"checkpoint not found: ckpt_path={ckpt}. It is written by a training run (`python train.py fit "
+                "--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
+                "model as configured instead (e.g. the zero-shot backbone)"
+            )
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        try:
+            self.check_config(config)
+        except ValueError as err:
+            self.parser.error(str(err))
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except Exception as err:
+        except SETTING_ERRORS as err:
             cause = _root_cause(err, PretrainedWeightsUnavailable)
-            if cause is None:
-                raise
-            remedy = self.flag_names.get(
-                PRETRAINED_KEY, f"set --{PRETRAINED_KEY}=FILE to a local weights file (.safetensors, .bin, .pt)"
-            )
-            raise PretrainedWeightsUnavailable(f"{cause.reason}: {remedy}", reason=cause.reason) from err
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        ckpt = config.get("ckpt_path")
-        if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).expanduser().is_file():
-            raise CLIError(
-                f"checkpoint not found: ckpt_path={ckpt}. It is written by a training run (`python train.py fit "
-                f"--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
-                "model as configured instead (e.g. the zero-shot backbone)"
-            )
+            if cause is not None and cause.reason != str(cause):  # the hub is needed: name this CLI's flag
+                remedy = self.flag_names.get(
+                    PRETRAINED_KEY, f"set --{PRETRAINED_KEY}=FILE to a local weights file (.safetensors, .bin, .pt)"
+                )
+                self.parser.error(f"{cause.reason}: {remedy}", ex=err)
+            self.parser.error(root_cause(err), ex=err)
 
 
 class InferCLI(_RegionembedCLI):
@@ -159,9 +189,13 @@ class InferCLI(_RegionembedCLI):
     def _results_path(self, config) -> str | None:
         return dict(_walk(config)).get("model.init_args.results_path")
 
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        config = self.config[self.subcommand]
+    def check_config(self, config) -> None:
+        super().check_config(config)
+        if self.subcommand == "predict":  # found now, not after the compute
+            try:
+                check_output_dir(config["writer"]["output_dir"])
+            except ValueError as err:
+                raise ValueError(f"--writer.output_dir: {err}") from err
         if config.trainer.get("default_root_dir") is None:
             results = self._results_path(config)
             target = Path(results).parent if self.subcommand == "test" and results else config.writer.output_dir
@@ -354,7 +388,7 @@ def _run(make_cli, argv: Sequence[str] | None):
         return make_cli(list(argv))
     try:
         return make_cli(None)
-    except (CLIError, PretrainedWeightsUnavailable) as err:
+    except CLIError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,8 @@ __all__ = ["DEFAULT_TEMPLATES", "encode_prompts"]
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def encode_prompts(
@@ -23,6 +26,10 @@ def encode_prompts(
         raise ValueError("no prompts to encode")
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"every template needs a '{{}}' placeholder, got {list(templates)}")
+    texts = [t.format(p) for p in prompts for t in templates]
+    for text, n, context in backbone.overlong_texts(texts):
+        # CLIP tokenizers truncate silently; the end of a long prompt would be ignored without anyone knowing
+        log.warning("prompt %r has %d tokens, more than the text context of %d: it is truncated", text, n, context)
     rows = []
     for prompt in prompts:
         tokens = backbone.tokenize([t.format(prompt) for t in templates])

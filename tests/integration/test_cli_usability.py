@@ -133,12 +133,16 @@ def test_offline_default_model_is_one_line_naming_the_flag(region_folder, tmp_pa
     assert "Traceback" not in run.stderr and "💡" not in run.stderr + run.stdout
     errors = [line for line in run.stderr.splitlines() if "Hugging Face hub" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "--weights FILE" in errors[0]
-    assert not (tmp_path / "o").exists() and not (tmp_path / "config.yaml").exists()
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "config.yaml").exists()
 
 
-def test_missing_checkpoint_says_how_to_make_it(tmp_path):
-    with pytest.raises(CLIError, match=r"checkpoint not found: ckpt_path=nope\.ckpt.*--ckpt_path=null"):
+def test_missing_checkpoint_says_how_to_make_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         infer_main(["test", f"--config={ROOT / 'configs' / 'tests' / 'tiny_region_cls.yaml'}", "--ckpt_path=nope.ckpt"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint not found: ckpt_path=nope.ckpt" in errors[0]
+    assert "--ckpt_path=null" in errors[0]
 
 
 def test_fit_says_where_checkpoints_and_exports_went(tmp_path, caplog):

@@ -23,6 +23,7 @@ from regionembed.backbones.alpha import (
     whole_image_alpha,
 )
 from regionembed.backbones.resnet import OpenCLIPResNetBackbone
+from regionembed.backbones.weights import PretrainedWeightsUnavailable
 from regionembed.modules.alpha_clip import AlphaCLIPModule, alpha_pairs, masked_contrastive_loss
 from regionembed.regions import AlphaEmbedding
 
@@ -175,9 +176,9 @@ def test_official_checkpoint_prefixes_and_errors(tmp_path):
     torch.save({k: v for k, v in state.items() if k != "conv1_alpha.weight"}, tmp_path / "no_alpha.pth")
     with pytest.raises(AlphaCheckpointError, match="missing 1 keys"):
         OpenCLIPBackbone("re-tiny-vit", alpha_checkpoint=str(tmp_path / "no_alpha.pth"))
-    # an untrusted pickle is refused (weights_only)
+    # an untrusted pickle is refused (weights_only), the message names the file
     torch.save({"conv1.weight": torch.zeros(1), "evil": object()}, tmp_path / "pickle.pth")
-    with pytest.raises(Exception, match="weights_only"):
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"cannot read weights file .*pickle\.pth.*safe loading"):
         OpenCLIPBackbone("re-tiny-vit", alpha_checkpoint=str(tmp_path / "pickle.pth"))
     # the key map is explicit: every visual key has exactly one official name
     visual_keys = list(trained.model.visual.state_dict())

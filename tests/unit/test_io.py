@@ -33,6 +33,7 @@ def test_mask_formats(tmp_path):
     soft[1, 2] = 128
     assert load_mask(_save(soft, tmp_path / "soft.png"))[1, 2] == pytest.approx(128 / 255)
     pal = Image.fromarray((m > 0).astype(np.uint8) * 3, "P")
+    pal.putpalette([0, 0, 0] * 3 + [200, 30, 30])  # index 3 is a red region on black
     pal.save(tmp_path / "pal.png")
     np.testing.assert_array_equal(load_mask(tmp_path / "pal.png"), expected)
 

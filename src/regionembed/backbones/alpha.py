@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .weights import PretrainedWeightsUnavailable, load_lightning_backbone_state, resolve_local_file
+from .weights import load_lightning_backbone_state, resolve_local_file, weights_error
 
 if TYPE_CHECKING:
     from .base import Backbone
@@ -153,17 +153,17 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
         if ALPHA_KEY in state:
             out[OFFICIAL_ALPHA_KEY] = state[ALPHA_KEY]
         return {_IN_PROJ.sub(r"\1in_proj.\2", k): v for k, v in out.items()}
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        try:
+            state = load_file(path)
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise PretrainedWeightsUnavailable(f"cannot load {path} safely (weights_only=True): {err}") from err
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+    except Exception as err:
+        raise weights_error(path, err, "an Alpha-CLIP visual tower") from err
+    if not path.endswith(".safetensors") and isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AlphaCheckpointError(f"{path} is not a state dict of tensors")
     for prefix in ("module.", "visual."):

@@ -204,6 +204,11 @@ class Backbone(nn.Module, abc.ABC):
         """Tokenise texts with the model's own tokenizer: ``[B, L]`` int64."""
         raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
+    def overlong_texts(self, texts: Sequence[str]) -> list[tuple[str, int, int]]:
+        """``(text, tokens, context length)`` for each text the tokenizer would truncate (none without a text tower
+        or when the tokenizer cannot count)."""
+        return []
+
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is a finite ``[B, 3, H, W]`` batch with sides multiple of the patch."""
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:

@@ -23,6 +23,7 @@ from .weights import (
     looks_like_path,
     offline_error,
     resolve_local_file,
+    weights_error,
 )
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,16 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         path = resolve_local_file(pretrained)
         if path.endswith(".ckpt"):  # a regionembed Lightning checkpoint (e.g. from train.py fit)
             model = open_clip.create_model(model_name, pretrained=None)
-            model.load_state_dict(load_lightning_backbone_state(path), strict=True)
+            state = load_lightning_backbone_state(path)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise weights_error(path, err, model_name) from err
             return model
-        return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
+        try:
+            return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
+        except Exception as err:  # torch, safetensors and open_clip raise many types; name the file either way
+            raise weights_error(path, err, model_name) from err
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         raise ValueError(
@@ -132,6 +140,18 @@ class OpenCLIPModelMixin:
         if isinstance(texts, str):
             texts = [texts]
         return self._tokenizer(list(texts))
+
+    def overlong_texts(self, texts: Sequence[str]) -> list[tuple[str, int, int]]:
+        tok = self._tokenizer
+        encode, context = getattr(tok, "encode", None), getattr(tok, "context_length", None)
+        if encode is None or not context or getattr(tok, "reduction_fn", None) is not None:
+            return []
+        out = []
+        for text in texts:
+            n = len(encode(text)) + 2  # start and end tokens, as the tokenizer adds them
+            if n > context:
+                out.append((text, n, int(context)))
+        return out
 
     def extra_repr(self) -> str:
         alpha = f", alpha_checkpoint={self.alpha_checkpoint!r}" if self.alpha_checkpoint else ""

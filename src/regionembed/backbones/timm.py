@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import hub_offline, looks_like_path, offline_error, resolve_local_file
+from .weights import hub_offline, looks_like_path, offline_error, resolve_local_file, weights_error
 
 
 class TimmBackbone(Backbone):
@@ -64,6 +64,8 @@ class TimmBackbone(Backbone):
         try:
             self.model = timm.create_model(model_name, pretrained=load, **kwargs)
         except Exception as err:
+            if isinstance(pretrained, str) and pretrained:
+                raise weights_error(pretrained, err, model_name) from err
             if pretrained is True and hub_offline():
                 raise offline_error(f"timm weights {model_name}", "pretrained='/path/to/model.safetensors'") from err
             raise

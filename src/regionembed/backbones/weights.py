@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -39,6 +40,41 @@ def resolve_local_file(pretrained: str) -> str:
     return str(path)
 
 
+_READ_ERROR_HINTS = ("PytorchStreamReader", "Weights only load failed", "invalid load key", "deserializing header")
+
+
+def _short(err: BaseException) -> str:
+    """One informative line of a loading error (torch's weights-only text is a page that advises unsafe loading)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed") and len(lines) > 1:
+        lines = lines[1:]  # skip the advice to load with weights_only=False: the reason follows it
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def weights_error(path: str | os.PathLike, err: BaseException, architecture: str) -> PretrainedWeightsUnavailable:
+    """A one-line error naming the weights file: unreadable (corrupt, truncated, unsafe pickle) or wrong architecture.
+
+    Args:
+        path: the weights file.
+        err: what the loader raised.
+        architecture: the model the weights were meant for (named in the message).
+    """
+    unreadable = isinstance(err, (pickle.UnpicklingError, EOFError)) or type(err).__name__ == "SafetensorError"
+    if unreadable or any(hint in str(err) for hint in _READ_ERROR_HINTS):
+        return PretrainedWeightsUnavailable(
+            f"cannot read weights file {path}: it is corrupt or truncated, or holds objects that safe loading refuses "
+            f"(only safetensors and weights-only checkpoints are loaded) ({_short(err)})"
+        )
+    return PretrainedWeightsUnavailable(
+        f"weights file {path} does not fit the architecture {architecture} (its tensors have other names or shapes: "
+        f"{_short(err)}); check `model_name` or use weights made for {architecture}"
+    )
+
+
 def load_lightning_backbone_state(path: str, prefix: str = "backbone.model.") -> dict:
     """The backbone weights inside a regionembed Lightning checkpoint (loaded with ``weights_only=True``)."""
     import torch
@@ -46,7 +82,10 @@ def load_lightning_backbone_state(path: str, prefix: str = "backbone.model.") ->
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise PretrainedWeightsUnavailable(f"cannot load checkpoint {path} safely (weights_only=True): {err}") from err
+        raise PretrainedWeightsUnavailable(
+            f"cannot read checkpoint {path}: it is corrupt or truncated, or holds objects that safe loading "
+            f"(weights_only=True) refuses ({_short(err)})"
+        ) from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise PretrainedWeightsUnavailable(f"{path} is not a Lightning checkpoint with a state_dict")

@@ -4,55 +4,123 @@ Layout::
 
     root/
       images/<id>.<jpg|png|...>
-      masks/<id>/<region>.png      one file per region, same size as the image (grey, RGB, RGBA; 0/255 or 0/1)
+      masks/<id>/<region>.<png|...>   one file per region, same size as the image (grey, RGB, RGBA, palette;
+                                      0/255 or 0/1); any image suffix, in any case
+
+Every file is accounted for: a file that is neither an image nor hidden (``.DS_Store``), two files with the same
+name but different suffixes, or a mask folder without an image stop the scan with an error naming them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..backbones.base import PreprocessSpec
 from ..io import IMAGE_SUFFIXES, load_image, load_mask, preprocess_image
+from ..outputs import fingerprint_inputs
+from .samplers import world
 
-__all__ = ["ImageMaskDataset", "RegionFolderDataModule", "collate_regions", "scan_folder"]
+__all__ = ["ImageMaskDataset", "RegionFolderDataModule", "ShareSampler", "collate_regions", "scan_folder"]
+
+log = logging.getLogger(__name__)
+
+
+def _list_images(folder: Path, what: str) -> list[Path]:
+    """Image files of ``folder`` (any case of :data:`IMAGE_SUFFIXES`); anything else is an error, hidden files a
+    warning, so that nothing is dropped silently."""
+    files, others, hidden = [], [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            hidden.append(p.name)
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+        else:
+            others.append(p.name)
+    if others:
+        raise ValueError(
+            f"{folder} holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} that {what} cannot use: {others}; "
+            f"{what} must be image files ({', '.join(IMAGE_SUFFIXES)}, any case): move the others elsewhere"
+        )
+    if hidden:
+        log.warning("ignoring hidden files in %s: %s", folder, hidden)
+    stems = [p.stem for p in files]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise ValueError(f"files in {folder} share a name with different suffixes (names must be unique): {clashes}")
+    return files
 
 
 def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
-    """List ``(image, [mask, ...])`` pairs of a region folder; raise naming the missing or empty part."""
+    """List ``(image, [mask, ...])`` pairs of a region folder; raise naming the missing, extra or clashing files.
+
+    Only files inside ``root/images`` and ``root/masks/<id>`` are read. Hidden files (names starting with ``.``,
+    which includes ``..png`` whose id ``.`` could not name a mask folder) are skipped with a warning; ids that
+    differ only in case are refused (their output folders would merge on macOS and Windows).
+    """
     root = Path(root)
     images_dir, masks_dir = root / "images", root / "masks"
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"region folder {root} has no {d.name}/ directory (expected {d})")
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = _list_images(images_dir, "images/")
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
-    stems = [p.stem for p in images]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    folded: dict[str, list[str]] = {}
+    for p in images:
+        folded.setdefault(p.stem.casefold(), []).append(p.name)
+    clashes = [names for names in folded.values() if len(names) > 1]
     if clashes:
-        raise ValueError(f"images in {images_dir} share a name with different suffixes (ids must be unique): {clashes}")
+        raise ValueError(f"images in {images_dir} have ids that differ only in case (ids must be unique): {clashes}")
+    orphans = sorted(
+        d.name for d in masks_dir.iterdir() if not d.name.startswith(".") and d.name not in {p.stem for p in images}
+    )
+    if orphans:
+        raise ValueError(
+            f"{masks_dir} has entries that are no image's mask folder (no such image in {images_dir}): {orphans}"
+        )
     items = []
     for image in images:
         region_dir = masks_dir / image.stem
-        masks = sorted(region_dir.glob("*.png")) if region_dir.is_dir() else []
+        masks = _list_images(region_dir, "masks/") if region_dir.is_dir() else []
         if not masks:
-            raise FileNotFoundError(f"no masks for image {image}: expected PNG files in {region_dir}/")
+            raise FileNotFoundError(f"no masks for image {image}: expected mask images in {region_dir}/")
         items.append((image, masks))
     return items
+
+
+class ShareSampler(DistributedSampler):
+    """Each rank gets every ``world``-th index, once; ranks may get unequal or empty shares (idle ranks).
+
+    Lightning's predict sampler asserts that every rank has work; MaskInversion prediction needs no collective
+    calls per batch, so more ranks than images is allowed (the extra ranks idle).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class ImageMaskDataset(Dataset):
     """Images with one or more region masks each.
 
     Each item is a dict: ``image`` ``[3, S, S]`` (preprocessed), ``masks`` ``[N, H, W]`` float in [0, 1] at the
-    image's original resolution, ``mask_names`` (N strings), ``image_id``, ``image_path``, ``size`` ``(W, H)``.
+    image's original resolution, ``mask_names`` (N strings), ``image_id``, ``image_path``, ``size`` ``(W, H)``,
+    ``inputs_sha256`` (of the image's and masks' file bytes and the mask names: what a re-run must match).
     """
 
     def __init__(
@@ -76,6 +144,9 @@ class ImageMaskDataset(Dataset):
         names = [p.stem for p in mask_paths]
         if len(set(names)) != len(names):
             raise ValueError(f"mask names of {image_path} are not unique: {names}")
+        inputs = fingerprint_inputs(
+            image_path.read_bytes(), [(n, p.read_bytes()) for n, p in zip(names, mask_paths, strict=True)]
+        )
         return {
             "image": preprocess_image(image, self.preprocess),
             "masks": torch.stack(masks),
@@ -83,6 +154,7 @@ class ImageMaskDataset(Dataset):
             "image_id": image_path.stem,
             "image_path": str(image_path),
             "size": image.size,
+            "inputs_sha256": inputs,
         }
 
 
@@ -130,12 +202,29 @@ class RegionFolderDataModule(L.LightningDataModule):
             self.preprocess = module.backbone.preprocess
         items = scan_folder(self.root) if self.root is not None else [(self.image, self.masks)]
         self.dataset = ImageMaskDataset(items, self.preprocess)
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        if ranks > len(self.dataset):
+            if stage == "test":  # metrics are synchronised across ranks: an idle rank would hang the others
+                raise ValueError(
+                    f"`test` over {len(self.dataset)} image(s) cannot use {ranks} processes (every process needs at "
+                    f"least one image): set --trainer.devices to at most {len(self.dataset)}"
+                )
+            # prediction needs no collective per batch: extra ranks may idle (Lightning asks to be told)
+            self.allow_zero_length_dataloader_with_multiple_devices = True
+            if self.trainer.global_rank == 0:
+                log.warning(
+                    "%d image(s) over %d processes: %d process(es) will idle",
+                    len(self.dataset),
+                    ranks,
+                    ranks - len(self.dataset),
+                )
 
     def _loader(self) -> DataLoader:
+        replicas, rank = world()
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=ShareSampler(self.dataset, num_replicas=replicas, rank=rank),
             num_workers=self.num_workers,
             collate_fn=collate_regions,
         )

@@ -83,8 +83,11 @@ class MaskInversionConfig:
             raise ValueError("layers must name at least one block")
         if self.strategy not in {"auto", *STRATEGIES}:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from auto, {', '.join(STRATEGIES)}")
-        if self.iterations < 0 or self.lr <= 0 or self.weight_decay < 0 or self.alpha < 0:
-            raise ValueError("iterations, weight_decay and alpha must be >= 0 and lr > 0")
+        if self.iterations < 0 or not self.lr > 0 or self.weight_decay < 0 or self.alpha < 0:
+            raise ValueError(
+                f"iterations, weight_decay and alpha must be >= 0 and lr > 0, got iterations={self.iterations}, "
+                f"lr={self.lr}, weight_decay={self.weight_decay}, alpha={self.alpha}"
+            )
 
 
 @dataclass
@@ -131,6 +134,13 @@ class MaskInversion:
             self.config = MaskInversionConfig(**{**self.config.__dict__, "layers": explainer.layers})
             explainer = None
         self.explainer = explainer
+        if explainer is None:  # check now: an index out of range would otherwise surface mid-run as an IndexError
+            try:
+                backbone.layer_indices(self.config.layers)
+            except ValueError as err:
+                raise ValueError(
+                    f"layers={list(self.config.layers)}: {err} (negative indices count from the end)"
+                ) from err
 
     def plan(self, image_size: int, num_masks: int) -> str:
         """The strategy ``auto`` picks for ``num_masks`` masks on a square ``image_size`` image."""

@@ -17,7 +17,7 @@ from ..backbones.alpha import alpha_from_masks, export_alpha_clip_visual, whole_
 from ..backbones.base import Backbone
 from ..metrics import RegionAccuracy
 from ..text import encode_prompts
-from .contrastive import ContrastiveModule, param_groups
+from .contrastive import ContrastiveModule, check_optimizer_settings, param_groups
 
 __all__ = ["AlphaCLIPModule", "alpha_pairs", "masked_contrastive_loss"]
 
@@ -154,6 +154,7 @@ class AlphaCLIPModule(ContrastiveModule):
         seed: int = 0,
         export_path: str | None = None,
     ) -> None:
+        check_optimizer_settings(lr_alpha=lr_alpha)
         super().__init__(backbone, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, betas=betas)
         self.save_hyperparameters(ignore=["backbone"])
         if not 0.0 <= whole_image_ratio <= 1.0:

@@ -36,7 +36,7 @@ from ..explainers.grad_attention import Pooling, grad_attention_maps
 from ..losses.attention import AttentionLossKind, attention_loss
 from ..metrics import MapMaskAgreement
 from ..metrics.functional import recall_at_k
-from .contrastive import cosine_with_warmup, param_groups
+from .contrastive import check_optimizer_settings, cosine_with_warmup, param_groups
 
 __all__ = [
     "ComposedRetrievalModule",
@@ -245,6 +245,7 @@ class ComposedRetrievalModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
     ) -> None:
         super().__init__()
+        check_optimizer_settings(lr=lr, combiner_lr=combiner_lr, warmup_steps=warmup_steps)
         self.save_hyperparameters(ignore=["backbone"])
         unknown = set(train_towers) - set(TOWERS)
         if unknown:

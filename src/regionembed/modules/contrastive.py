@@ -17,7 +17,24 @@ from open_clip import ClipLoss
 from ..backbones.base import Backbone
 from ..io import save_safetensors
 
-__all__ = ["ContrastiveModule", "cosine_with_warmup", "param_groups"]
+__all__ = ["ContrastiveModule", "check_optimizer_settings", "cosine_with_warmup", "param_groups"]
+
+
+def check_optimizer_settings(**settings: float | None) -> None:
+    """Refuse learning rates that are not positive and negative warmups, naming the setting.
+
+    Learning rates (``lr``, ``lr_alpha``, ``combiner_lr``) must be > 0 (or None, meaning "use the default");
+    ``warmup_steps`` must be >= 0. A zero learning rate trains nothing and a negative warmup silently skips the
+    warmup: both are mistakes.
+    """
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if "lr" in name.split("_") and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive learning rate, got {value!r}")
+        if name == "warmup_steps" and not value >= 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {value!r}")
+
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +89,7 @@ class ContrastiveModule(L.LightningModule):
         export_path: str | None = None,
     ) -> None:
         super().__init__()
+        check_optimizer_settings(lr=lr, warmup_steps=warmup_steps)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.loss_fn: ClipLoss | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
 from ..inversion import MaskInversion
+from ..outputs import fingerprint_settings
 from ..text import encode_prompts
 
 __all__ = ["MaskInversionModule", "require_grad_mode"]
@@ -41,6 +43,11 @@ class MaskInversionModule(L.LightningModule):
         memory_budget_mb: largest precomputed table ``auto`` may use.
         prompts: optional texts each region is matched against (needs a text tower).
         prompt_templates: templates (``"a photo of a {}."``) averaged per prompt; ``["{}"]`` uses prompts as given.
+
+    Attributes:
+        skip_sample: set by a prediction writer (:class:`~regionembed.callbacks.InversionWriter`): samples for which
+            it returns True are not computed in ``predict_step`` (their result is ``{"image_id", "skipped": True}``),
+            e.g. images whose outputs are already up to date.
     """
 
     def __init__(
@@ -57,6 +64,10 @@ class MaskInversionModule(L.LightningModule):
         prompt_templates: list[str] | None = None,
     ) -> None:
         super().__init__()
+        prompts = list(prompts or [])
+        duplicates = sorted({p for p in prompts if prompts.count(p) > 1})
+        if duplicates:  # each prompt is a key of the per-region probabilities: a duplicate would collapse
+            raise ValueError(f"prompts must be unique, these occur more than once: {duplicates}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone.requires_grad_(False).eval()
         self.solver = MaskInversion(
@@ -69,9 +80,13 @@ class MaskInversionModule(L.LightningModule):
             strategy=strategy,
             memory_budget_mb=memory_budget_mb,
         )
-        self.prompts = list(prompts or [])
+        self.prompts = prompts
         self.prompt_templates = list(prompt_templates or ["{}"])
+        if any("{}" not in t for t in self.prompt_templates):
+            raise ValueError(f"every prompt template needs a '{{}}' placeholder, got {self.prompt_templates}")
         self._text_cache: tuple[torch.device, torch.Tensor] | None = None
+        self._settings_sha256: str | None = None
+        self.skip_sample: Callable[[dict[str, Any]], bool] | None = None
         self.test_metrics = MetricCollection(
             {"mask_dice": MeanMetric(), "map_iou": MeanMetric(), "loss_drop": MeanMetric()}, prefix="test/"
         )
@@ -91,6 +106,22 @@ class MaskInversionModule(L.LightningModule):
             self._text_cache = (self.device, embeddings)
         return self._text_cache[1]
 
+    def settings_fingerprint(self) -> str:
+        """SHA-256 of everything besides the inputs that determines the outputs: hyper-parameters, backbone, weights.
+
+        Computed once (the backbone is frozen) and recorded in every output folder, so that a re-run can tell
+        whether a folder was produced with the same settings.
+        """
+        if self._settings_sha256 is None:
+            settings = {
+                "module": f"{type(self).__module__}.{type(self).__qualname__}",
+                "hparams": dict(self.hparams),
+                "backbone": f"{type(self.backbone).__qualname__}({self.backbone.extra_repr()})",
+                "preprocess": repr(self.backbone.preprocess),
+            }
+            self._settings_sha256 = fingerprint_settings(settings, self.backbone)
+        return self._settings_sha256
+
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Run MaskInversion on one sample of :class:`~regionembed.data.ImageMaskDataset`; results on CPU."""
         require_grad_mode()
@@ -108,6 +139,8 @@ class MaskInversionModule(L.LightningModule):
             "mask_loss": result.mask_loss.cpu(),
             "strategy": result.strategy,
             "masks": sample["masks"].cpu(),
+            "inputs_sha256": sample.get("inputs_sha256"),
+            "settings_sha256": self.settings_fingerprint(),
         }
         text = self.text_embeddings()
         if text is not None:
@@ -121,7 +154,13 @@ class MaskInversionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- steps
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
         require_grad_mode()
-        return [self.invert(sample) for sample in batch]
+        out = []
+        for sample in batch:
+            if self.skip_sample is not None and self.skip_sample(sample):
+                out.append({"image_id": sample["image_id"], "skipped": True})
+            else:
+                out.append(self.invert(sample))
+        return out
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
         require_grad_mode()
