@@ -179,7 +179,7 @@ class InferCLI(_RegionembedCLI):
         super().after_instantiate_classes()
         backbone = getattr(self.model, "backbone", None)
         config = self.config[self.subcommand]
-        if backbone is not None and getattr(backbone, "pretrained", "") is None and not config.get("ckpt_path"):
+        if getattr(backbone, "weights", None) == "random" and not config.get("ckpt_path"):
             rank_zero_warn(
                 f"{type(backbone).__name__}({getattr(backbone, 'model_name', '')!r}) has RANDOM weights "
                 "(pretrained: null): its maps, embeddings and prompt probabilities mean nothing. Use real weights "

@@ -57,7 +57,7 @@ def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog)
                 *FAST,
             ]
         )
-    assert (out / "a" / "manifest.json").is_file()
+    assert json.loads((out / "a" / "manifest.json").read_text())["weights"] == "random"
     assert (out / "config.yaml").is_file(), "the run's config belongs with its outputs"
     assert not (tmp_path / "config.yaml").exists(), "nothing in the working directory"
     assert f"{out}/" in caplog.text and "config.yaml" in caplog.text  # where did it go: printed at the end

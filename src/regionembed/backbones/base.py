@@ -69,6 +69,13 @@ class Backbone(nn.Module, abc.ABC):
         self.alpha_embed: nn.Module | None = None
 
     @property
+    def weights(self) -> str:
+        """Where the weights came from: the ``pretrained`` setting (hub tag, file, ``regionembed:<name>``, ``True``
+        for timm's default), or ``"random"`` for a randomly initialised model, whose outputs mean nothing."""
+        pretrained = getattr(self, "pretrained", None)
+        return "random" if pretrained is None or pretrained is False or pretrained == "" else str(pretrained)
+
+    @property
     def rgb_stem_conv(self) -> nn.Conv2d:
         """The first convolution applied to the RGB image (the patch embedding of a ViT, conv1 of a ResNet stem).
 

@@ -47,6 +47,7 @@ class TimmBackbone(Backbone):
         kwargs: dict = {"dynamic_img_size": True}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
+        self.pretrained = pretrained
         if isinstance(pretrained, str) and pretrained:
             kwargs["pretrained_cfg_overlay"] = {"file": resolve_local_file(pretrained)}
             load = True

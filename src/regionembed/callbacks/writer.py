@@ -142,6 +142,7 @@ def write_inversion(
             "folder": folder,
             "image": result.get("image_path"),
             "strategy": result["strategy"],
+            "weights": result.get("weights", "unknown"),
             "loss_history": [float(v) for v in result["loss_history"]],
             "prompts": result.get("prompts", []),
             "regions": regions,

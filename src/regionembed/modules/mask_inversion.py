@@ -141,6 +141,7 @@ class MaskInversionModule(L.LightningModule):
             "masks": sample["masks"].cpu(),
             "inputs_sha256": sample.get("inputs_sha256"),
             "settings_sha256": self.settings_fingerprint(),
+            "weights": self.backbone.weights,
         }
         text = self.text_embeddings()
         if text is not None:
