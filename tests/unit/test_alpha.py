@@ -23,7 +23,8 @@ from regionembed.backbones.alpha import (
     whole_image_alpha,
 )
 from regionembed.backbones.resnet import OpenCLIPResNetBackbone
-from regionembed.modules.alpha_clip import AlphaCLIPModule, alpha_pairs, masked_contrastive_loss
+from regionembed.losses import masked_contrastive_loss
+from regionembed.modules.alpha_clip import AlphaCLIPModule, alpha_pairs
 from regionembed.regions import AlphaEmbedding
 
 

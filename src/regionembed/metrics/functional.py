@@ -296,13 +296,18 @@ def referring_accuracy(pred: torch.Tensor, target: torch.Tensor, iou_threshold: 
 # --------------------------------------------------------------------------------------------------------------------
 # map-vs-mask agreement
 # --------------------------------------------------------------------------------------------------------------------
-def map_mask_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+def map_mask_scores(
+    maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, present: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per-map agreement between a saliency map and a region mask.
 
     Args:
         maps: ``[N, H, W]`` maps in [0, 1].
         masks: ``[N, H, W]`` binary masks (bool or 0/1).
         threshold: a pixel is foreground where ``map >= threshold`` (for the IoU).
+        present: ``[N]`` bool, False where the explainer said the target is not in the image (VL-Score): such a
+            map localises nothing, so it scores IoU, Dice and energy 0 and a pointing-game miss, whatever its
+            pixels and whatever the mask (``None``: every map is present).
 
     Returns:
         Dict of ``[N]`` tensors:
@@ -329,6 +334,12 @@ def map_mask_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 
     dice = torch.where(den > 0, 2 * inside / den.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(den))
     pointing = g.gather(1, m.argmax(1, keepdim=True))[:, 0]
     energy = torch.where(map_sum > 0, inside / map_sum.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    if present is not None:
+        if present.shape != (maps.shape[0],) or present.dtype != torch.bool:
+            raise ValueError(f"present must be bool of shape [{maps.shape[0]}], got {present.dtype} {_shape(present)}")
+        present = present.to(maps.device)
+        iou, dice, energy = (torch.where(present, x, torch.zeros_like(x)) for x in (iou, dice, energy))
+        pointing = pointing & present
     return {"iou": iou, "dice": dice, "pointing": pointing, "energy": energy}
 
 

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
 from ..inversion import MaskInversion
-from ..text import encode_prompts
+from ..text import TextEmbeddingCache
 
 __all__ = ["MaskInversionModule", "require_grad_mode"]
 
@@ -71,7 +71,7 @@ class MaskInversionModule(L.LightningModule):
         )
         self.prompts = list(prompts or [])
         self.prompt_templates = list(prompt_templates or ["{}"])
-        self._text_cache: tuple[torch.device, torch.Tensor] | None = None
+        self.text_cache = TextEmbeddingCache(self.prompt_templates)
         self.test_metrics = MetricCollection(
             {"mask_dice": MeanMetric(), "map_iou": MeanMetric(), "loss_drop": MeanMetric()}, prefix="test/"
         )
@@ -86,10 +86,7 @@ class MaskInversionModule(L.LightningModule):
         """``[P, D]`` normalised prompt embeddings (template-averaged), cached per device; None without prompts."""
         if not self.prompts:
             return None
-        if self._text_cache is None or self._text_cache[0] != self.device:
-            embeddings = encode_prompts(self.backbone, self.prompts, self.prompt_templates, device=self.device)
-            self._text_cache = (self.device, embeddings)
-        return self._text_cache[1]
+        return self.text_cache(self.backbone, self.prompts, self.device)
 
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Run MaskInversion on one sample of :class:`~regionembed.data.ImageMaskDataset`; results on CPU."""

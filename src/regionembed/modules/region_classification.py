@@ -14,7 +14,7 @@ from ..backbones.base import Backbone
 from ..io import save_json
 from ..metrics import RegionAccuracy
 from ..regions import GlobalEmbedding, MaskInversionEmbedding, RegionEmbedder
-from ..text import DEFAULT_TEMPLATES, encode_prompts
+from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
 from .mask_inversion import require_grad_mode
 
 __all__ = ["RegionClassificationModule", "comparison_table"]
@@ -71,7 +71,7 @@ class RegionClassificationModule(L.LightningModule):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.metrics: torch.nn.ModuleDict | None = None
         self.results: dict[str, dict[str, float]] = {}
-        self._text: torch.Tensor | None = None
+        self.text_cache = TextEmbeddingCache(self.templates)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -90,9 +90,7 @@ class RegionClassificationModule(L.LightningModule):
         )
 
     def text_embeddings(self) -> torch.Tensor:
-        if self._text is None or self._text.device != self.device:
-            self._text = encode_prompts(self.backbone, self.class_names, self.templates, device=self.device)
-        return self._text
+        return self.text_cache(self.backbone, self.class_names, self.device)
 
     def region_logits(self, method: RegionEmbedder, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` scaled cosine logits of the regions ``masks`` of ``image`` for one method."""
