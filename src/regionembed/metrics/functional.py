@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from scipy import ndimage
 from torchvision.ops import box_iou
+
+from ..boxes import component_boxes
 
 __all__ = [
     "auc",
@@ -467,8 +468,9 @@ def cam_threshold_box_ious(
 ) -> torch.Tensor:
     """Best box IoU obtained by thresholding one map at each CAM threshold (the box part of MaxBoxAcc).
 
-    At threshold ``t`` the foreground is ``cam >= t``; its 8-connected components (``scipy.ndimage.label``) give
-    boxes that tightly enclose their pixels (a component over columns ``c0..c1`` spans ``x`` in ``[c0, c1 + 1]``).
+    At threshold ``t`` the foreground is ``cam >= t``; its 8-connected components
+    (:func:`regionembed.boxes.component_boxes`, the boxing of :func:`~regionembed.boxes.maps_to_boxes`) give boxes
+    that tightly enclose their pixels (a component over columns ``c0..c1`` spans ``x`` in ``[c0, c1 + 1]``).
     This stands in for ``cv2.findContours`` + ``boundingRect`` of the official wsolevaluation code: components are
     outer contours (holes add no box) and the largest is chosen by pixel count rather than contour area.
 
@@ -495,16 +497,12 @@ def cam_threshold_box_ious(
         return best
     m = cam.detach().cpu().double().numpy()
     m = _normalize_map(m) if normalize else m
-    structure = np.ones((3, 3), dtype=bool)
     for i, t in enumerate(thresholds):
-        labels, n = ndimage.label(m >= t, structure=structure)
-        if n == 0:
+        _, boxes, areas = component_boxes(m >= t)
+        if len(areas) == 0:
             continue
-        slices = ndimage.find_objects(labels)
-        boxes = torch.tensor([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], dtype=torch.float64)
         if not multi_contour:
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-            boxes = boxes[int(sizes.argmax())][None]
+            boxes = boxes[int(areas.argmax())][None]
         best[i] = box_iou(boxes, gt).max()
     return best
 
