@@ -1,0 +1,167 @@
+"""Zero-shot referring-expression comprehension: every region embedding method ranks the image's candidate regions."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import SumMetric
+
+from ..backbones.base import Backbone
+from ..io import save_json
+from ..metrics import ReferringAccuracy
+from ..referring import MATCHES, Match, answer_targets, candidate_scores, comprehend
+from ..regions import GlobalEmbedding, MaskInversionEmbedding, RegionEmbedder
+from ..text import TextEmbeddingCache
+from .mask_inversion import require_grad_mode
+from .region_classification import comparison_table
+
+__all__ = ["ReferringModule"]
+
+log = logging.getLogger(__name__)
+
+
+def _image_groups(batch: dict[str, Any], items: list[int]) -> list[list[int]]:
+    """Items of the batch that show the same image with the same candidates (one embedding pass serves them all)."""
+    index = batch["region_batch_index"]
+    groups: dict[str, list[list[int]]] = {}
+    for b in items:
+        same = groups.setdefault(str(batch["image_ids"][b]), [])
+        for group in same:
+            a = group[0]
+            if torch.equal(batch["image"][a], batch["image"][b]) and torch.equal(
+                batch["masks"][index == a], batch["masks"][index == b]
+            ):
+                group.append(b)
+                break
+        else:
+            same.append([b])
+    return [g for gs in groups.values() for g in gs]
+
+
+class ReferringModule(L.LightningModule):
+    """Referring-expression comprehension (REC) by ranking every candidate region of the image, per method.
+
+    For each expression, every candidate region of its image (the image's instance masks) is embedded by each region
+    method, the expression by the text tower, and the candidate with the highest cosine is the answer
+    (:mod:`regionembed.referring`); :class:`~regionembed.metrics.ReferringAccuracy` scores the answers of each
+    method. Candidates are embedded once per image and method for all of that image's expressions in a batch.
+
+    Batches come from the referring data modules (``RefCocoDataModule``, ``SyntheticReferringDataModule``;
+    ``collate_regions_batch``): ``image`` ``[B, 3, S, S]``, ``masks`` ``[sum N, S, S]`` (the candidates),
+    ``boxes`` ``[sum N, 4]``, ``region_batch_index``, ``text`` (B expressions), ``target_index`` ``[B]`` (the
+    referred candidate among its image's, ``-1`` when a crop removed it: such expressions are skipped and counted).
+
+    Logged (the dashboard contract): ``test/<method>/ref_acc``, ``test/<method>/ref_miou`` (not with
+    ``match="index"``), ``test/expressions``, ``test/skipped_expressions``.
+
+    Args:
+        backbone: the model (frozen here); its text tower encodes the expressions.
+        methods: region embedding methods to compare; default: global and MaskInversion.
+        templates: templates averaged per expression (default ``["{}"]``: the expression as it is).
+        match: how an answer is scored (:func:`regionembed.referring.answer_targets`): ``"box"`` (IoU > threshold
+            of the chosen and the referred candidate's boxes, RefCOCO's Acc@0.5), ``"mask"`` or ``"index"``.
+        iou_threshold: IoU a box/mask answer must exceed.
+        results_path: also write the results as JSON there (rank zero, atomic).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        methods: list[RegionEmbedder] | None = None,
+        templates: list[str] | None = None,
+        match: Match = "box",
+        iou_threshold: float = 0.5,
+        results_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "methods"])
+        if match not in MATCHES:
+            raise ValueError(f"unknown match {match!r}; choose from {list(MATCHES)}")
+        if not 0 <= iou_threshold < 1:
+            raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.methods = list(methods) if methods else [GlobalEmbedding(), MaskInversionEmbedding()]
+        # methods that own a model (e.g. an Alpha-CLIP backbone) are registered to follow devices, frozen
+        self.method_models = torch.nn.ModuleList(
+            [m.requires_grad_(False).eval() for m in self.methods if isinstance(m, torch.nn.Module)]
+        )
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        self.text_cache = TextEmbeddingCache(templates or ["{}"], max_size=50_000)
+        self.metrics = torch.nn.ModuleDict({n: ReferringAccuracy(iou_threshold=iou_threshold) for n in names})
+        self.counts = torch.nn.ModuleDict({"expressions": SumMetric(), "skipped_expressions": SumMetric()})
+        self.results: dict[str, dict[str, float]] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        self.method_models.eval()
+        return self
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        require_grad_mode()
+        if "text" not in batch or "target_index" not in batch:
+            raise ValueError(
+                "ReferringModule needs referring batches (per image `text` and `target_index`): use "
+                "RefCocoDataModule or SyntheticReferringDataModule"
+            )
+        index, targets, num = batch["region_batch_index"], batch["target_index"], batch["num_regions"]
+        items = [b for b in range(len(targets)) if 0 <= int(targets[b]) < int(num[b])]
+        skipped = len(targets) - len(items)
+        self.counts["expressions"].update(torch.tensor(float(len(items)), device=self.device))
+        self.counts["skipped_expressions"].update(torch.tensor(float(skipped), device=self.device))
+        if not items:
+            return
+        for group in _image_groups(batch, items):
+            first = group[0]
+            keep = index == first
+            candidates, boxes = batch["masks"][keep], batch["boxes"][keep]
+            expressions = self.text_cache(self.backbone, [batch["text"][b] for b in group], self.device)
+            target = targets[group].to(self.device)
+            for method in self.methods:
+                chosen = comprehend(
+                    candidate_scores(method, self.backbone, batch["image"][first], candidates, expressions)
+                )
+                pred, truth = answer_targets(chosen, target, boxes, candidates, self.hparams.match)
+                self.metrics[method.name].update(pred, truth)
+
+    def on_test_epoch_end(self) -> None:
+        counts = {k: int(v.compute()) for k, v in self.counts.items()}
+        self.results = {}
+        for name, metric in self.metrics.items():
+            values = {k: float(v) for k, v in metric.compute().items()}
+            self.results[name] = {k: v for k, v in values.items() if not math.isnan(v) or k == "ref_acc"}
+            for key, value in self.results[name].items():
+                self.log(f"test/{name}/{key}", value, rank_zero_only=True)
+            metric.reset()
+        for key, value in counts.items():
+            self.log(f"test/{key}", float(value), rank_zero_only=True)
+        for metric in self.counts.values():
+            metric.reset()
+        if counts["skipped_expressions"]:
+            log.warning(
+                "%d expressions were skipped: their referred region was cropped away", counts["skipped_expressions"]
+            )
+        rank_zero_info(
+            f"\nReferring expression comprehension (%, {counts['expressions']} expressions, "
+            f"match: {self.hparams.match}):\n" + comparison_table(self.results)
+        )
+        if self.hparams.results_path and self.trainer.is_global_zero:
+            save_json(
+                {
+                    "match": self.hparams.match,
+                    "iou_threshold": self.hparams.iou_threshold,
+                    **counts,
+                    "results": self.results,
+                },
+                self.hparams.results_path,
+            )
+
+    def configure_optimizers(self):
+        return None
