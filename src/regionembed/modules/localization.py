@@ -108,6 +108,22 @@ def localization_table(results: dict[str, dict[str, float]], keys: Sequence[str]
     return "\n".join(lines)
 
 
+#: the module's arguments that configure each explainer's ExplainerLocalization as they are
+_EVALUATOR_ARGS = (
+    "threshold",
+    "min_area",
+    "box_mode",
+    "iou_threshold",
+    "cam_thresholds",
+    "map_threshold",
+    "faithfulness",
+    "faithfulness_steps",
+    "deletion_baseline",
+    "insertion_baseline",
+    "faithfulness_batch_size",
+)
+
+
 def _explainer_name(explainer: Any) -> str:
     return str(getattr(explainer, "name", None) or type(explainer).__name__.lower())
 
@@ -198,21 +214,7 @@ class LocalizationModule(L.LightningModule):
         return self
 
     def _evaluator(self) -> ExplainerLocalization:
-        hp = self.hparams
-        return ExplainerLocalization(
-            threshold=hp.threshold,
-            min_area=hp.min_area,
-            box_mode=hp.box_mode,
-            iou_threshold=hp.iou_threshold,
-            top_k=self.top_k,
-            cam_thresholds=hp.cam_thresholds,
-            map_threshold=hp.map_threshold,
-            faithfulness=hp.faithfulness,
-            faithfulness_steps=hp.faithfulness_steps,
-            deletion_baseline=hp.deletion_baseline,
-            insertion_baseline=hp.insertion_baseline,
-            faithfulness_batch_size=hp.faithfulness_batch_size,
-        )
+        return ExplainerLocalization(top_k=self.top_k, **{k: self.hparams[k] for k in _EVALUATOR_ARGS})
 
     def setup(self, stage: str) -> None:
         if self.class_names is None:

@@ -6,7 +6,6 @@ import logging
 import math
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
@@ -15,8 +14,9 @@ from ..backbones.base import Backbone
 from ..io import save_json
 from ..metrics import ReferringAccuracy
 from ..referring import MATCHES, Match, answer_targets, candidate_scores, comprehend
-from ..regions import GlobalEmbedding, MaskInversionEmbedding, RegionEmbedder
+from ..regions import RegionEmbedder
 from ..text import TextEmbeddingCache
+from .base import RegionMethodsModule
 from .mask_inversion import require_grad_mode
 from .region_classification import comparison_table
 
@@ -43,7 +43,7 @@ def _image_groups(batch: dict[str, Any], items: list[int]) -> list[list[int]]:
     return [g for gs in groups.values() for g in gs]
 
 
-class ReferringModule(L.LightningModule):
+class ReferringModule(RegionMethodsModule):
     """Referring-expression comprehension (REC) by ranking every candidate region of the image, per method.
 
     For each expression, every candidate region of its image (the image's instance masks) is embedded by each region
@@ -78,31 +78,17 @@ class ReferringModule(L.LightningModule):
         iou_threshold: float = 0.5,
         results_path: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone, methods)
         self.save_hyperparameters(ignore=["backbone", "methods"])
         if match not in MATCHES:
             raise ValueError(f"unknown match {match!r}; choose from {list(MATCHES)}")
         if not 0 <= iou_threshold < 1:
             raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}")
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.methods = list(methods) if methods else [GlobalEmbedding(), MaskInversionEmbedding()]
-        # methods that own a model (e.g. an Alpha-CLIP backbone) are registered to follow devices, frozen
-        self.method_models = torch.nn.ModuleList(
-            [m.requires_grad_(False).eval() for m in self.methods if isinstance(m, torch.nn.Module)]
-        )
         names = [m.name for m in self.methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"method names must be unique, got {names}")
         self.text_cache = TextEmbeddingCache(templates or ["{}"], max_size=50_000)
         self.metrics = torch.nn.ModuleDict({n: ReferringAccuracy(iou_threshold=iou_threshold) for n in names})
         self.counts = torch.nn.ModuleDict({"expressions": SumMetric(), "skipped_expressions": SumMetric()})
         self.results: dict[str, dict[str, float]] = {}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()
-        self.method_models.eval()
-        return self
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         require_grad_mode()
@@ -162,6 +148,3 @@ class ReferringModule(L.LightningModule):
                 },
                 self.hparams.results_path,
             )
-
-    def configure_optimizers(self):
-        return None
