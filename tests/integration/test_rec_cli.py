@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,9 @@ def synthetic(tmp_path_factory):
 def test_names_table_and_counts(synthetic):
     cli, payload, logged = synthetic
     names = {f"test/{m}/{k}" for m in METHODS for k in ("ref_acc", "ref_miou")}
+    kinds = {k for rows in payload["by_kind"].values() for k, v in rows.items() if v["ref_acc"] == v["ref_acc"]}
+    assert len(kinds) >= 2  # expressions of several kinds in these scenes
+    names |= {f"test/{m}/{k}/{key}" for m in METHODS for k in kinds for key in ("ref_acc", "ref_miou")}
     assert set(logged) == names | {"test/expressions", "test/skipped_expressions"}
     assert payload["match"] == "box" and payload["skipped_expressions"] == 0
     assert payload["expressions"] == len(cli.datamodule.datasets["test"]) > 10
@@ -49,6 +53,13 @@ def test_names_table_and_counts(synthetic):
         row = payload["results"][method]
         assert 0 <= row["ref_acc"] <= row["ref_miou"] + 1e-6 <= 1 + 1e-6, method
         assert logged[f"test/{method}/ref_acc"] == pytest.approx(row["ref_acc"])
+    # the kinds partition the expressions: their accuracies, weighted by their counts, give the overall one
+    dataset = cli.datamodule.datasets["test"]
+    counts = Counter(dataset[i]["kind"] for i in range(len(dataset)))
+    for method in METHODS:
+        by_kind = payload["by_kind"][method]
+        total = sum(by_kind[k]["ref_acc"] * n for k, n in counts.items())
+        assert total / sum(counts.values()) == pytest.approx(payload["results"][method]["ref_acc"]), method
     assert payload["results"]["global"]["ref_acc"] == 0  # every candidate scores the same: no answer
 
 

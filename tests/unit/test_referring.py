@@ -125,6 +125,8 @@ def test_module_errors(tiny_backbone):
         ReferringModule(tiny_backbone, methods=[GlobalEmbedding(), GlobalEmbedding()])
     image, masks, boxes = _image_and_masks()
     batch = _batch(image, masks, boxes, ["x"], [0], ["a"])
+    with pytest.raises(ValueError, match="per-expression `kind`"):
+        ReferringModule(tiny_backbone, kinds=["relation"]).test_step(batch, 0)
     del batch["text"]
     with pytest.raises(ValueError, match="SyntheticReferringDataModule"):
         ReferringModule(tiny_backbone).test_step(batch, 0)

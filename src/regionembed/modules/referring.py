@@ -57,7 +57,8 @@ class ReferringModule(RegionMethodsModule):
     referred candidate among its image's, ``-1`` when a crop removed it: such expressions are skipped and counted).
 
     Logged (the dashboard contract): ``test/<method>/ref_acc``, ``test/<method>/ref_miou`` (not with
-    ``match="index"``), ``test/expressions``, ``test/skipped_expressions``.
+    ``match="index"``), ``test/expressions``, ``test/skipped_expressions``; with ``kinds``,
+    ``test/<method>/<kind>/ref_acc`` and ``test/<method>/<kind>/ref_miou``.
 
     Args:
         backbone: the model (frozen here); its text tower encodes the expressions.
@@ -66,6 +67,9 @@ class ReferringModule(RegionMethodsModule):
         match: how an answer is scored (:func:`regionembed.referring.answer_targets`): ``"box"`` (IoU > threshold
             of the chosen and the referred candidate's boxes, RefCOCO's Acc@0.5), ``"mask"`` or ``"index"``.
         iou_threshold: IoU a box/mask answer must exceed.
+        kinds: also score these expression kinds apart (the batch's per-expression ``kind``, e.g. the synthetic
+            world's ``attribute``, ``size``, ``ordinal``, ``relation``); logged as ``test/<method>/<kind>/ref_acc``
+            and ``.../ref_miou``.
         results_path: also write the results as JSON there (rank zero, atomic).
     """
 
@@ -76,6 +80,7 @@ class ReferringModule(RegionMethodsModule):
         templates: list[str] | None = None,
         match: Match = "box",
         iou_threshold: float = 0.5,
+        kinds: list[str] | None = None,
         results_path: str | None = None,
     ) -> None:
         super().__init__(backbone, methods)
@@ -88,7 +93,15 @@ class ReferringModule(RegionMethodsModule):
         self.text_cache = TextEmbeddingCache(templates or ["{}"], max_size=50_000)
         self.metrics = torch.nn.ModuleDict({n: ReferringAccuracy(iou_threshold=iou_threshold) for n in names})
         self.counts = torch.nn.ModuleDict({"expressions": SumMetric(), "skipped_expressions": SumMetric()})
+        self.kinds = list(dict.fromkeys(kinds or []))
+        self.kind_metrics = torch.nn.ModuleDict(
+            {
+                n: torch.nn.ModuleDict({k: ReferringAccuracy(iou_threshold=iou_threshold) for k in self.kinds})
+                for n in names
+            }
+        )
         self.results: dict[str, dict[str, float]] = {}
+        self.results_by_kind: dict[str, dict[str, dict[str, float]]] = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         require_grad_mode()
@@ -97,6 +110,8 @@ class ReferringModule(RegionMethodsModule):
                 "ReferringModule needs referring batches (per image `text` and `target_index`): use "
                 "RefCocoDataModule or SyntheticReferringDataModule"
             )
+        if self.kinds and "kind" not in batch:
+            raise ValueError("`kinds` needs batches with a per-expression `kind` (SyntheticReferringDataModule)")
         index, targets, num = batch["region_batch_index"], batch["target_index"], batch["num_regions"]
         items = [b for b in range(len(targets)) if 0 <= int(targets[b]) < int(num[b])]
         skipped = len(targets) - len(items)
@@ -116,6 +131,10 @@ class ReferringModule(RegionMethodsModule):
                 )
                 pred, truth = answer_targets(chosen, target, boxes, candidates, self.hparams.match)
                 self.metrics[method.name].update(pred, truth)
+                for kind, metric in self.kind_metrics[method.name].items():
+                    rows = [i for i, b in enumerate(group) if batch["kind"][b] == kind]
+                    if rows:
+                        metric.update(pred[rows], truth[rows])
 
     def on_test_epoch_end(self) -> None:
         counts = {k: int(v.compute()) for k, v in self.counts.items()}
@@ -126,6 +145,16 @@ class ReferringModule(RegionMethodsModule):
             for key, value in self.results[name].items():
                 self.log(f"test/{name}/{key}", value, rank_zero_only=True)
             metric.reset()
+        self.results_by_kind = {}
+        for name, metrics in self.kind_metrics.items():
+            self.results_by_kind[name] = {}
+            for kind, metric in metrics.items():
+                values = {k: float(v) for k, v in metric.compute().items()}  # NaN for a kind without expressions
+                self.results_by_kind[name][kind] = values
+                for key, value in values.items():
+                    if not math.isnan(value):
+                        self.log(f"test/{name}/{kind}/{key}", value, rank_zero_only=True)
+                metric.reset()
         for key, value in counts.items():
             self.log(f"test/{key}", float(value), rank_zero_only=True)
         for metric in self.counts.values():
@@ -138,6 +167,9 @@ class ReferringModule(RegionMethodsModule):
             f"\nReferring expression comprehension (%, {counts['expressions']} expressions, "
             f"match: {self.hparams.match}):\n" + comparison_table(self.results)
         )
+        if self.kinds:
+            by_kind = {n: {k: v["ref_acc"] for k, v in row.items()} for n, row in self.results_by_kind.items()}
+            rank_zero_info("\nAccuracy by expression kind (%):\n" + comparison_table(by_kind))
         if self.hparams.results_path and self.trainer.is_global_zero:
             save_json(
                 {
@@ -145,6 +177,7 @@ class ReferringModule(RegionMethodsModule):
                     "iou_threshold": self.hparams.iou_threshold,
                     **counts,
                     "results": self.results,
+                    "by_kind": self.results_by_kind,
                 },
                 self.hparams.results_path,
             )
