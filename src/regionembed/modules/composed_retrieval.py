@@ -2,15 +2,16 @@
 
 A configurable reconstruction of MMGrad (Udhayanan et al., 2023; see :mod:`regionembed.explainers.grad_attention`
 for what is known and what is our choice). The query is the composition of the reference image's embedding and the
-modifier's text embedding (:class:`SumCombiner`, or :class:`LearnedCombiner` after CLIP4Cir); targets are image
-embeddings; the retrieval loss is InfoNCE of each query against the targets of the whole (gathered) batch. With
+modifier's text embedding (:class:`~regionembed.composed.SumCombiner`, or :class:`~regionembed.composed.LearnedCombiner`
+after CLIP4Cir); targets are image embeddings; the retrieval loss is InfoNCE of each query against the targets of the
+whole (gathered) batch (:func:`~regionembed.losses.composed_info_nce`). With
 ``attn_weight > 0`` a second term pulls the gradient-attention map of the query-target score on the reference image
 onto the changed region (``attn_loss``: Dice, BCE or energy outside the mask), trained end to end through the
 second-order backward.
 
-Evaluation: Recall@K over a gallery of the split's target (and reference) images, the query's own reference
-excluded, and the map's grounding on the changed region (IoU, Dice, pointing game, energy pointing game) when the
-data has changed-region masks.
+Evaluation: Recall@K (:class:`~regionembed.metrics.RecallAtK`) over a gallery of the split's target (and reference)
+images (:func:`~regionembed.composed.build_gallery`), the query's own reference excluded, and the map's grounding
+on the changed region (IoU, Dice, pointing game, energy pointing game) when the data has changed-region masks.
 
 MaskInversion's gradient decomposition (:mod:`regionembed.inversion.strategies`) does not apply here: it treats the
 explained block's Jacobian as a constant of a frozen model, while this loss must reach the image tower's weights
