@@ -52,19 +52,27 @@ def candidate_scores(
     return F.normalize(expressions, dim=-1).to(regions.dtype) @ regions.T
 
 
-def comprehend(scores: torch.Tensor) -> torch.Tensor:
+def comprehend(scores: torch.Tensor, tie_tolerance: float = 1e-5) -> torch.Tensor:
     """The chosen candidate of each expression: ``[E, N]`` scores -> ``[E]`` int64 indices.
 
     A best score shared by several candidates gives no answer (``-1``, a miss), as ties count against the
     prediction everywhere in :mod:`regionembed.metrics`: a method that cannot tell the candidates apart (the global
-    embedding gives every candidate the same score) must not look right by picking the first one.
+    embedding gives every candidate the same embedding) must not look right by picking the first one. Scores within
+    ``tie_tolerance`` of the best count as tied: identical embeddings do not give bit-identical cosines (a matrix
+    product rounds its columns differently), while different regions differ by far more.
+
+    Args:
+        scores: ``[E, N]`` finite scores (cosines), ``N >= 1``.
+        tie_tolerance: absolute tolerance of the tie test, in score units (``0``: exact ties only).
     """
     if scores.ndim != 2 or scores.shape[1] == 0:
         raise ValueError(f"scores must be [E, N] with N >= 1, got {tuple(scores.shape)}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN or infinite values")
+    if not tie_tolerance >= 0:
+        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
     best = scores.max(dim=1, keepdim=True).values
-    unique = (scores == best).sum(dim=1) == 1
+    unique = (scores >= best - tie_tolerance).sum(dim=1) == 1
     return torch.where(unique, scores.argmax(dim=1), torch.full_like(unique, -1, dtype=torch.long))
 
 

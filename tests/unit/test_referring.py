@@ -70,6 +70,13 @@ def test_ties_are_misses(tiny_backbone):
     metric.update(*answer_targets(chosen, target, boxes, masks, "mask"))
     assert float(metric.compute()["ref_acc"]) == 0
     assert comprehend(torch.tensor([[0.1, 0.3, 0.3], [0.5, 0.2, 0.1]])).tolist() == [-1, 0]
+    # identical embeddings through a matrix product: cosines that differ in the last bits are still a tie
+    near = torch.tensor([[0.3, 0.3 + 3e-7, 0.1], [0.3, 0.31, 0.1]])
+    assert comprehend(near).tolist() == [-1, 1]
+    assert comprehend(near, tie_tolerance=0).tolist() == [1, 1]
+    same = F.normalize(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)), dim=-1).expand(5, -1)
+    text = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    assert (comprehend(text @ same.T) == -1).all()
 
 
 def test_bad_input():
@@ -77,6 +84,8 @@ def test_bad_input():
         comprehend(torch.zeros(3))
     with pytest.raises(ValueError, match="NaN"):
         comprehend(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="tie_tolerance"):
+        comprehend(torch.zeros(1, 2), tie_tolerance=-1.0)
     with pytest.raises(ValueError, match="unknown match"):
         answer_targets(torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 4), torch.zeros(1, 4, 4), "iou")
 
