@@ -61,6 +61,12 @@ def test_names_table_and_counts(synthetic):
         total = sum(by_kind[k]["ref_acc"] * n for k, n in counts.items())
         assert total / sum(counts.values()) == pytest.approx(payload["results"][method]["ref_acc"]), method
     assert payload["results"]["global"]["ref_acc"] == 0  # every candidate scores the same: no answer
+    dataset = cli.datamodule.datasets["test"]
+    chance = []
+    for i in range(len(dataset)):
+        s = dataset[i]
+        chance.append(float((box_iou(s["boxes"], s["boxes"][s["target_index"]][None])[:, 0] > 0.5).double().mean()))
+    assert payload["chance_ref_acc"] == pytest.approx(np.mean(chance))
 
 
 def _reference_accuracy(backbone, dataset, method) -> float:

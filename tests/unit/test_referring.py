@@ -125,6 +125,7 @@ def test_module_embeds_each_image_once_and_counts_skipped(tiny_backbone):
     assert float(acc["ref_acc"]) == pytest.approx(4 / 5)
     assert int(module.counts["expressions"].compute()) == 5
     assert int(module.counts["skipped_expressions"].compute()) == 1
+    assert float(module.counts["chance_hits"].compute()) == pytest.approx(5 / 3)  # 1 of 3 candidates, 5 times
 
 
 def test_module_errors(tiny_backbone):

@@ -13,6 +13,7 @@ from torchmetrics import SumMetric
 from ..backbones.base import Backbone
 from ..io import save_json
 from ..metrics import ReferringAccuracy
+from ..metrics.functional import referring_accuracy
 from ..referring import MATCHES, Match, answer_targets, candidate_scores, comprehend
 from ..regions import RegionEmbedder
 from ..text import TextEmbeddingCache
@@ -92,7 +93,9 @@ class ReferringModule(RegionMethodsModule):
         names = [m.name for m in self.methods]
         self.text_cache = TextEmbeddingCache(templates or ["{}"], max_size=50_000)
         self.metrics = torch.nn.ModuleDict({n: ReferringAccuracy(iou_threshold=iou_threshold) for n in names})
-        self.counts = torch.nn.ModuleDict({"expressions": SumMetric(), "skipped_expressions": SumMetric()})
+        self.counts = torch.nn.ModuleDict(
+            {"expressions": SumMetric(), "skipped_expressions": SumMetric(), "chance_hits": SumMetric()}
+        )
         self.kinds = list(dict.fromkeys(kinds or []))
         self.kind_metrics = torch.nn.ModuleDict(
             {
@@ -125,6 +128,7 @@ class ReferringModule(RegionMethodsModule):
             candidates, boxes = batch["masks"][keep], batch["boxes"][keep]
             expressions = self.text_cache(self.backbone, [batch["text"][b] for b in group], self.device)
             target = targets[group].to(self.device)
+            self.counts["chance_hits"].update(self._chance_hits(target, boxes, candidates))
             for method in self.methods:
                 chosen = comprehend(
                     candidate_scores(method, self.backbone, batch["image"][first], candidates, expressions)
@@ -136,8 +140,19 @@ class ReferringModule(RegionMethodsModule):
                     if rows:
                         metric.update(pred[rows], truth[rows])
 
+    def _chance_hits(self, target: torch.Tensor, boxes: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Expected hits of a uniformly random choice among the candidates, summed over the expressions."""
+        n = len(candidates)
+        every = torch.arange(n, device=target.device)
+        total = torch.zeros((), dtype=torch.float64, device=target.device)
+        for t in target:
+            pred, truth = answer_targets(every, t.expand(n), boxes, candidates, self.hparams.match)
+            total += referring_accuracy(pred, truth, self.hparams.iou_threshold)["ref_acc"].double()
+        return total
+
     def on_test_epoch_end(self) -> None:
-        counts = {k: int(v.compute()) for k, v in self.counts.items()}
+        counts = {k: int(v.compute()) for k, v in self.counts.items() if k != "chance_hits"}
+        chance = float(self.counts["chance_hits"].compute()) / max(1, counts["expressions"])
         self.results = {}
         for name, metric in self.metrics.items():
             values = {k: float(v) for k, v in metric.compute().items()}
@@ -165,7 +180,8 @@ class ReferringModule(RegionMethodsModule):
             )
         rank_zero_info(
             f"\nReferring expression comprehension (%, {counts['expressions']} expressions, "
-            f"match: {self.hparams.match}):\n" + comparison_table(self.results)
+            f"match: {self.hparams.match}; a uniformly random candidate scores {100 * chance:.1f}):\n"
+            + comparison_table(self.results)
         )
         if self.kinds:
             by_kind = {n: {k: v["ref_acc"] for k, v in row.items()} for n, row in self.results_by_kind.items()}
@@ -176,6 +192,7 @@ class ReferringModule(RegionMethodsModule):
                     "match": self.hparams.match,
                     "iou_threshold": self.hparams.iou_threshold,
                     **counts,
+                    "chance_ref_acc": chance,
                     "results": self.results,
                     "by_kind": self.results_by_kind,
                 },
