@@ -82,9 +82,8 @@ def step_timing(steps: int, batch_size: int = 32) -> dict[str, float]:
 
     from regionembed.backbones import OpenCLIPBackbone
     from regionembed.data import SyntheticComposedDataModule
-    from regionembed.losses import attention_loss
+    from regionembed.losses import attention_loss, composed_info_nce
     from regionembed.modules import ComposedRetrievalModule
-    from regionembed.modules.composed_retrieval import composed_info_nce
 
     torch.manual_seed(0)
     backbone = OpenCLIPBackbone("re-small-vit", pretrained="regionembed:clip_synthetic")

@@ -2,11 +2,12 @@
 
 This is the box step of the CAM weakly-supervised localization protocol (Zhou et al., 2016): keep the pixels whose
 value reaches ``threshold * max(map)``, split them into 8-connected components (``scipy.ndimage.label``), and box
-each component (``torchvision.ops.masks_to_boxes``). Plain torch, no Lightning.
+each component (:func:`component_boxes`, also the box step of MaxBoxAccV2 in :mod:`regionembed.metrics`). Plain torch,
+no Lightning.
 
 Boxes follow the package convention (see :mod:`regionembed.metrics.functional`): ``[K, 4]`` xyxy in continuous pixel
 coordinates, pixel ``(r, c)`` covering ``[c, c + 1] x [r, r + 1]``, so a component over columns ``c0..c1`` spans
-``x`` in ``[c0, c1 + 1]`` (``masks_to_boxes`` returns the inclusive last index; one is added).
+``x`` in ``[c0, c1 + 1]``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 from scipy import ndimage
-from torchvision.ops import clip_boxes_to_image, masks_to_boxes, nms
+from torchvision.ops import nms
 
-__all__ = ["MapBoxes", "empty_box", "maps_to_boxes"]
+__all__ = ["MapBoxes", "component_boxes", "empty_box", "maps_to_boxes"]
 
 BoxMode = Literal["largest", "all", "merge"]
 
@@ -44,6 +45,27 @@ def empty_box(device: torch.device | None = None) -> torch.Tensor:
     return torch.zeros(1, 4, device=device)
 
 
+def component_boxes(foreground: np.ndarray | torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The 8-connected components of a binary map and the tight box of each: the one component boxing of the package.
+
+    Args:
+        foreground: ``[H, W]`` bool (numpy or torch).
+
+    Returns:
+        ``(labels, boxes, areas)``: ``labels`` ``[H, W]`` int numpy array (0 background, ``1..K`` components, as
+        ``scipy.ndimage.label``), ``boxes`` ``[K, 4]`` float64 xyxy on the CPU in continuous pixel coordinates
+        (a component over columns ``c0..c1`` spans ``x`` in ``[c0, c1 + 1]``), ``areas`` ``[K]`` int64 pixel counts;
+        component ``k`` is ``labels == k + 1``.
+    """
+    if isinstance(foreground, torch.Tensor):
+        foreground = foreground.detach().cpu().numpy()
+    labels, n = ndimage.label(np.asarray(foreground, dtype=bool), structure=_EIGHT_CONNECTED)
+    slices = ndimage.find_objects(labels)
+    boxes = torch.tensor([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], dtype=torch.float64)
+    areas = torch.from_numpy(np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64))
+    return labels, boxes.reshape(-1, 4), areas
+
+
 def _min_pixels(min_area: float, num_pixels: int) -> float:
     if not min_area >= 0:  # also rejects NaN
         raise ValueError(f"min_area must be >= 0, got {min_area}")
@@ -54,34 +76,30 @@ def _min_pixels(min_area: float, num_pixels: int) -> float:
 def _one_map_boxes(
     m: torch.Tensor, threshold: float, min_pixels: float, mode: BoxMode, nms_iou: float | None
 ) -> MapBoxes:
-    h, w = m.shape
     empty = MapBoxes(
         torch.zeros(0, 4, device=m.device), torch.zeros(0, device=m.device), torch.zeros(0, dtype=torch.long)
     )
     peak = float(m.max())
     if peak <= 0:  # all-zero (or non-positive) map: nothing is salient
         return empty
-    fg = (m >= threshold * peak).cpu().numpy()
-    labels, n = ndimage.label(fg, structure=_EIGHT_CONNECTED)
+    labels, all_boxes, areas = component_boxes(m >= threshold * peak)
+    n = len(areas)
     if n == 0:
         return empty
     labels_t = torch.from_numpy(labels).to(m.device)
-    areas = torch.bincount(labels_t.flatten(), minlength=n + 1)[1:].cpu()
     mass = torch.zeros(n + 1, dtype=torch.float64, device=m.device).index_add_(
         0, labels_t.flatten(), m.flatten().double()
     )[1:]
     keep = torch.nonzero(areas >= min_pixels)[:, 0]
     if keep.numel() == 0:
         return empty
-    components = labels_t[None] == (keep.to(m.device) + 1)[:, None, None]  # [K, H, W]
+    boxes = all_boxes[keep]
     if mode == "merge":
-        components = components.any(0, keepdim=True)
+        boxes = torch.cat([boxes[:, :2].min(0).values, boxes[:, 2:].max(0).values])[None]  # the union's box
         mass, areas = mass[keep].sum()[None], areas[keep].sum()[None]
     else:
         mass, areas = mass[keep], areas[keep]
-    boxes = masks_to_boxes(components).float()
-    boxes[:, 2:] += 1  # inclusive last pixel index -> exclusive edge
-    boxes = clip_boxes_to_image(boxes, (h, w))
+    boxes = boxes.float().to(m.device)
     scores = (mass / areas.to(mass.device).double()).float()
     order = torch.argsort(mass, descending=True, stable=True).cpu()
     boxes, scores, areas = boxes[order], scores[order], areas[order]

@@ -9,7 +9,7 @@ from regionembed.cli import infer_main, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 #: modules evaluated by infer.py (inference mode off); every other module is trained by train.py
-INFER_MODULES = {"RegionClassificationModule", "LocalizationModule", "MaskInversionModule"}
+INFER_MODULES = {"RegionClassificationModule", "LocalizationModule", "MaskInversionModule", "ReferringModule"}
 CONFIGS = sorted(p for d in ("train", "infer", "tests") for p in (ROOT / "configs" / d).glob("*.yaml"))
 
 

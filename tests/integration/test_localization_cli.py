@@ -15,6 +15,7 @@ import torch
 
 from regionembed.cli import infer_main
 from regionembed.explainers import Explainer, LeGrad
+from regionembed.metrics import class_score_curves
 from regionembed.modules import LocalizationModule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,13 +108,14 @@ class BoxExplainer(Explainer):
 
     def __init__(self, present: bool = True) -> None:
         self.present = present
-        self.last_present = None
 
     def explain(self, backbone, image, targets):
         maps = torch.zeros(targets.shape[0], *image.shape[-2:])
         maps[:, 2:6, 2:6] = 1
-        self.last_present = torch.full((targets.shape[0],), self.present)
         return maps
+
+    def explain_presence(self, backbone, image, targets):
+        return self.explain(backbone, image, targets), torch.full((targets.shape[0],), self.present)
 
 
 def _module(tiny_backbone, explainers, **kwargs) -> LocalizationModule:
@@ -147,7 +149,7 @@ def _batch() -> dict:
 def test_queries_boxes_and_not_present_count_as_misses(tiny_backbone):
     module = _module(tiny_backbone, [BoxExplainer(present=True)], faithfulness=False)
     module.test_step(_batch(), 0)
-    row = module._compute(module.metrics["boxexplainer"])
+    row = module.metrics["boxexplainer"].compute()
     # two queries: class 0 (GT boxes: both of its objects; the map hits the first) and class 2 (the map misses)
     assert row["gt_known_loc"] == 0.5 and row["box_iou"] == 0.5
     assert row["pointing_game"] == 0.5 and row["not_present"] == 0
@@ -155,7 +157,7 @@ def test_queries_boxes_and_not_present_count_as_misses(tiny_backbone):
 
     absent = _module(tiny_backbone, [BoxExplainer(present=False)], faithfulness=False)
     absent.test_step(_batch(), 0)
-    row = absent._compute(absent.metrics["boxexplainer"])
+    row = absent.metrics["boxexplainer"].compute()
     assert row["not_present"] == 1
     for key in ("gt_known_loc", "box_iou", "pointing_game", "map_miou", "map_dice", "energy_pointing_game"):
         assert row[key] == 0, key
@@ -167,9 +169,13 @@ def test_contrastive_curves_of_one_pass_equal_two_passes(tiny_backbone):
     image = _batch()["image"]
     maps = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(1)) - 0.5
     a, b = torch.tensor([0, 2]), torch.tensor([1, 0])
-    curve_a, curve_b = module._curves(image, maps, a, "deletion", "zeros", also=b)
-    torch.testing.assert_close(curve_a, module._curves(image, maps, a, "deletion", "zeros")[0])
-    torch.testing.assert_close(curve_b, module._curves(image, maps, b, "deletion", "zeros")[0])
+
+    def curves(classes, also=None):
+        return class_score_curves(module.class_scores, image, maps, classes, "deletion", "zeros", 2, also=also)
+
+    curve_a, curve_b = curves(a, also=b)
+    torch.testing.assert_close(curve_a, curves(a)[0])
+    torch.testing.assert_close(curve_b, curves(b)[0])
 
 
 def test_bad_arguments(tiny_backbone):

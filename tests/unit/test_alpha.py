@@ -24,7 +24,8 @@ from regionembed.backbones.alpha import (
 )
 from regionembed.backbones.resnet import OpenCLIPResNetBackbone
 from regionembed.backbones.weights import PretrainedWeightsUnavailable
-from regionembed.modules.alpha_clip import AlphaCLIPModule, alpha_pairs, masked_contrastive_loss
+from regionembed.losses import masked_contrastive_loss
+from regionembed.modules.alpha_clip import AlphaCLIPModule, alpha_pairs
 from regionembed.regions import AlphaEmbedding
 
 

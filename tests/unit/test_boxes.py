@@ -116,3 +116,30 @@ def test_boxes_score_against_ground_truth_with_the_shared_iou():
 def test_bad_input_raises(maps, kwargs, match):
     with pytest.raises(ValueError, match=match):
         maps_to_boxes(maps, **kwargs)
+
+
+def test_component_boxes_is_the_one_boxing_of_maps_and_maxboxacc():
+    """One connected-component boxing serves maps_to_boxes and MaxBoxAccV2: boxes = masks_to_boxes + 1, 8-connected."""
+    from torchvision.ops import masks_to_boxes
+
+    from regionembed.boxes import component_boxes
+    from regionembed.metrics.functional import cam_threshold_box_ious
+
+    fg = torch.zeros(10, 12, dtype=torch.bool)
+    fg[1:3, 1:4] = True
+    fg[3, 4] = True  # touches the first component only diagonally: 8-connected, one component
+    fg[6:9, 7:11] = True
+    labels, boxes, areas = component_boxes(fg)
+    assert boxes.dtype == torch.float64 and areas.tolist() == [7, 12]
+    comps = torch.stack([torch.from_numpy(labels == k + 1) for k in range(2)])
+    expected = masks_to_boxes(comps).double()
+    expected[:, 2:] += 1
+    torch.testing.assert_close(boxes, expected)
+    empty_labels, empty_boxes, empty_areas = component_boxes(torch.zeros(4, 4, dtype=torch.bool))
+    assert empty_boxes.shape == (0, 4) and empty_areas.numel() == 0 and not empty_labels.any()
+    # the same components, seen through both users
+    cam = fg.float()
+    merged = maps_to_boxes(cam, threshold=0.5, mode="merge")
+    torch.testing.assert_close(merged.boxes, torch.tensor([[1.0, 1, 11, 9]]))
+    best = cam_threshold_box_ious(cam, expected[1:].float(), [0.5], multi_contour=True, normalize=False)
+    assert best.tolist() == [1.0]

@@ -298,10 +298,21 @@ def test_vlscore_not_present(backbone):
     explainer = VLScore(max_channels=10)
     maps, present = explainer.explain_with_presence(backbone, image, targets)
     assert present.tolist() == [False, True]
-    assert explainer.last_present is present
+    assert not hasattr(explainer, "last_present")  # presence is returned, never kept as state
     assert maps[0].abs().max() == 0 and maps[1].max() == 1
-    plain = ScoreCAM(max_channels=10)
-    assert plain(backbone, image, targets)[0].max() == 1 and plain.last_present.all()
+    torch.testing.assert_close(explainer(backbone, image, targets), maps)  # the plain call gives the same maps
+    plain_maps, plain_present = ScoreCAM(max_channels=10).explain_with_presence(backbone, image, targets)
+    assert plain_maps[0].max() == 1 and plain_present.all()
+
+
+def test_explainers_without_a_presence_decision_say_present(tiny_backbone):
+    image, targets = _inputs(tiny_backbone, n=2, seed=12)
+    for explainer in (LeGrad(), GradCAM()):
+        maps, present = explainer.explain_with_presence(tiny_backbone, image, targets)
+        torch.testing.assert_close(maps, explainer(tiny_backbone, image, targets))
+        assert present.dtype == torch.bool and present.tolist() == [True, True]
+    with pytest.raises(ValueError, match="targets must have shape"):
+        LeGrad().explain_with_presence(tiny_backbone, image, targets[:, :3])
 
 
 def test_vlscore_blur_baseline(tiny_backbone):

@@ -13,15 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from regionembed.backbones import AttentionRecorder, OpenCLIPBackbone
+from regionembed.composed import LearnedCombiner, SumCombiner, build_gallery, gather_rows
 from regionembed.explainers import GradAttention, grad_attention_maps
-from regionembed.losses import attention_loss, dice_loss
-from regionembed.modules.composed_retrieval import (
-    LearnedCombiner,
-    SumCombiner,
-    build_gallery,
-    composed_info_nce,
-    gather_rows,
-)
+from regionembed.losses import attention_loss, composed_info_nce, dice_loss
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +302,61 @@ def test_training_step_variants(options, trained, frozen):
     assert {"text": text, "visual": visual}[trained].grad.abs().sum() > 0
     assert {"text": text, "visual": visual}[frozen].grad is None
     assert not model.logit_scale.requires_grad
+
+
+def test_old_import_paths_still_work():
+    import regionembed.composed as composed
+    import regionembed.losses as losses
+    from regionembed.modules import LearnedCombiner as ModulesLearned
+    from regionembed.modules.composed_retrieval import LearnedCombiner as Old
+    from regionembed.modules.composed_retrieval import build_gallery as old_gallery
+    from regionembed.modules.composed_retrieval import composed_info_nce as old_nce
+
+    assert Old is ModulesLearned is composed.LearnedCombiner
+    assert old_gallery is composed.build_gallery and old_nce is losses.composed_info_nce
+
+
+def test_eval_logs_the_dashboard_names_and_the_functional_recall():
+    """The module's Recall@K (metrics.RecallAtK) equals recall_at_k over all queries, under the same names."""
+    from regionembed.data import SyntheticComposedDataModule, WorldConfig
+    from regionembed.metrics.functional import map_mask_agreement, recall_at_k
+    from regionembed.modules import ComposedRetrievalModule
+
+    torch.manual_seed(0)
+    module = ComposedRetrievalModule(OpenCLIPBackbone("re-tiny-vit"), combiner="sum", recall_k=(1, 2, 5, 50)).eval()
+    data = SyntheticComposedDataModule(
+        world=WorldConfig(image_size=32, size_range=(0.3, 0.5), max_objects=2),
+        train_size=0,
+        val_size=10,
+        test_size=1,
+        batch_size=4,
+    )
+    data.preprocess = module.backbone.preprocess
+    data.setup("validate")
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    batches = list(data.val_dataloader())
+    for i, batch in enumerate(batches):
+        module.validation_step(batch, i)
+    module.on_validation_epoch_end()
+    # the independent reference: every query against the deduplicated gallery of targets and references
+    rows = [module.forward_batch(b, maps=False, create_graph=False) for b in batches]
+    with torch.no_grad():
+        query, target, reference = (torch.cat([r[k] for r in rows]) for k in range(3))
+    target_key = torch.cat([b["target_key"] for b in batches])
+    reference_key = torch.cat([b["reference_key"] for b in batches])
+    gallery, t, ex = build_gallery(
+        torch.cat([target_key, reference_key]), torch.cat([target, reference]), target_key, reference_key
+    )
+    want = {f"val/{k}": float(v) for k, v in recall_at_k(query @ gallery.T, t, (1, 2, 5, 50), ex).items()}
+    maps = []
+    for b in batches:
+        with torch.enable_grad():
+            maps.append(module.forward_batch(b, maps=True, create_graph=False)[3].detach())
+    masks = torch.cat([b["mask"] for b in batches]) > 0.5
+    want.update({f"val/{k}": float(v) for k, v in map_mask_agreement(torch.cat(maps), masks).items()})
+    want.update({"val/gallery_size": float(len(gallery)), "val/queries": 10.0})
+    assert logged.keys() == want.keys()
+    for key, value in want.items():
+        assert logged[key] == pytest.approx(value, abs=1e-6), key
+    assert 0 < logged["val/R@1"] < logged["val/R@50"] == 1.0  # a test that can fail: not all 0 or all 1

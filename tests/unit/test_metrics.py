@@ -604,3 +604,26 @@ def test_metric_collection_keys_and_forward():
     metric(torch.eye(3), torch.tensor([0, 1, 2]))
     assert float(batch["top1"]) == pytest.approx(2 / 3)
     assert float(metric.compute()["top1"]) == pytest.approx(5 / 6)
+
+
+def test_map_mask_agreement_absent_maps_are_misses_even_when_the_mask_covers_everything():
+    """``present=False`` scores 0 everywhere without planting pixels: also for a mask that covers the whole map."""
+    maps = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(3, 6, 6, dtype=torch.bool)
+    masks[0] = True  # no pixel outside the mask: a planted "outside" pixel could not exist here
+    masks[1, :3] = True
+    masks[2, 2:5, 1:4] = True
+    present = torch.tensor([False, True, False])
+    scores = MF.map_mask_scores(maps, masks, present=present)
+    plain = MF.map_mask_scores(maps, masks)
+    for key in ("iou", "dice", "energy"):
+        assert scores[key][0] == 0 and scores[key][2] == 0, key
+        assert scores[key][1] == plain[key][1], key
+    assert scores["pointing"].tolist() == [False, bool(plain["pointing"][1]), False]
+    assert bool(plain["pointing"][0])  # without the flag the map points inside the all-covering mask
+    metric = MapMaskAgreement()
+    metric.update(maps, masks, present)
+    out = metric.compute()
+    assert float(out["pointing_game"]) == pytest.approx(float(plain["pointing"][1]) / 3)
+    with pytest.raises(ValueError, match="present must be bool"):
+        MF.map_mask_scores(maps, masks, present=torch.ones(2, dtype=torch.bool))

@@ -8,7 +8,7 @@ the MaskInversion solver only talk to this interface, never to a library's inter
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +215,32 @@ class Backbone(nn.Module, abc.ABC):
         """``(text, tokens, context length)`` for each text the tokenizer would truncate (none without a text tower
         or when the tokenizer cannot count)."""
         return []
+
+    # ------------------------------------------------------------------- training parts (image-text models)
+    # What a training module may touch, so that modules never reach into a library's model (``model.visual``...).
+    @property
+    def image_tower(self) -> nn.Module:
+        """The image encoder as one module (what "train the image tower" trains; the alpha conv is apart)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its image tower")
+
+    def text_tower_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the text tower: the model's parameters outside the image tower and the scales."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def set_trainable(
+        self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
+    ) -> Backbone:
+        """Freeze everything, then let the chosen parts train: the image tower, the text tower, the temperature
+        (``logit_scale``, and a SigLIP bias), the alpha conv (when the backbone has one). Returns ``self``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support choosing trainable towers")
+
+    def eval_text_tower(self) -> None:
+        """Put the text tower in eval mode (no dropout), e.g. when it is frozen and its embeddings are cached."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights in its library's own key format: what ``pretrained=<file>`` loads back."""
+        raise NotImplementedError(f"{type(self).__name__} does not export its weights")
 
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is a finite ``[B, 3, H, W]`` batch with sides multiple of the patch."""

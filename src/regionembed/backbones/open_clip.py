@@ -35,6 +35,9 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 #: ModifiedResNet for :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`, the others are ViTs)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
+#: the CLIP's own scalars, trained with neither tower (``logit_bias``: SigLIP)
+_SCALE_PARAMETERS = ("logit_scale", "logit_bias")
+
 
 class _DropOpenCLIPErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -135,6 +138,39 @@ class OpenCLIPModelMixin:
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
+
+    # --------------------------------------------------------------------------------- towers for training
+    @property
+    def image_tower(self) -> nn.Module:
+        return self.model.visual
+
+    def text_tower_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        # every parameter of the CLIP outside the image tower, except the temperature (and SigLIP's bias)
+        for name, p in self.model.named_parameters():
+            if not name.startswith("visual.") and name not in _SCALE_PARAMETERS:
+                yield name, p
+
+    def set_trainable(
+        self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
+    ) -> OpenCLIPModelMixin:
+        self.requires_grad_(False)
+        self.image_tower.requires_grad_(image)
+        for _, p in self.text_tower_parameters():
+            p.requires_grad_(text)
+        for name in _SCALE_PARAMETERS:
+            if getattr(self.model, name, None) is not None:
+                getattr(self.model, name).requires_grad_(logit_scale)
+        if self.alpha_embed is not None:
+            self.alpha_embed.requires_grad_(alpha)
+        return self
+
+    def eval_text_tower(self) -> None:
+        for name, child in self.model.named_children():
+            if name != "visual":
+                child.eval()
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         if isinstance(texts, str):

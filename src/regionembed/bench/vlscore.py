@@ -85,7 +85,7 @@ def run_model(key: str, cases: list[dict], seed: int = 0) -> list[dict]:
         warm(backbone, images[:1], targets[:1])
         with _PeakRSS() as rss:
             start = time.perf_counter()
-            maps = explainer(backbone, images[:m], targets[:m])
+            maps, present = explainer.explain_with_presence(backbone, images[:m], targets[:m])
             wall = time.perf_counter() - start
         record = {
             "model": key,
@@ -105,7 +105,7 @@ def run_model(key: str, cases: list[dict], seed: int = 0) -> list[dict]:
             k = min(case["max_channels"], channels_total)
             record["channels"] = k
             record["forwards_per_map"] = k + (1 if case["method"] == "VLScore" else 0)
-            record["present_fraction"] = round(float(explainer.last_present.float().mean()), 3)
+            record["present_fraction"] = round(float(present.float().mean()), 3)
         if case["method"] == "LeGrad":
             record["layer"] = "-1"
         records.append(record)

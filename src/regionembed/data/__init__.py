@@ -22,7 +22,12 @@ from .synthetic import (
     SyntheticWorld,
     WorldConfig,
 )
-from .synthetic_module import SyntheticDataModule, TransformedDataset
+from .synthetic_module import (
+    SyntheticDataModule,
+    SyntheticReferringDataModule,
+    SyntheticReferringRegions,
+    TransformedDataset,
+)
 from .transforms import RegionTransform, build_transform
 from .voc import VocBoxes
 
@@ -44,6 +49,8 @@ __all__ = [
     "SyntheticComposedDataModule",
     "SyntheticDataModule",
     "SyntheticReferring",
+    "SyntheticReferringDataModule",
+    "SyntheticReferringRegions",
     "SyntheticRegions",
     "SyntheticTriplets",
     "SyntheticWorld",

@@ -22,10 +22,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones.base import PreprocessSpec
+from ..distributed import world
 from .coco import CocoRegions
 from .collate import collate_regions_batch
 from .refcoco import RefCocoExpressions
-from .samplers import ResumableLoader, ResumableSampler, world
+from .samplers import ResumableLoader, ResumableSampler
 from .transforms import Mode, RegionTransform, build_transform
 from .voc import VocBoxes, parse_voc_xml
 

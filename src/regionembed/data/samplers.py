@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..distributed import world  # noqa: F401  (re-exported: the old home of `world`)
+
 __all__ = ["ResumableLoader", "ResumableSampler"]
 
 
@@ -98,10 +100,3 @@ class ResumableLoader(DataLoader):
         skip = state["batches"] * self.batch_size
         if skip < sampler.num_samples:  # a checkpoint at the end of an epoch resumes with the next one, whole
             sampler.skip(skip)
-
-
-def world() -> tuple[int, int]:
-    """``(world_size, rank)`` of the default process group, ``(1, 0)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0

@@ -9,10 +9,16 @@ from torch.utils.data import Dataset
 
 from ..backbones.base import PreprocessSpec
 from .modules import RegionDataModule
-from .synthetic import SyntheticRegions, SyntheticWorld, WorldConfig, region_sample
+from .synthetic import SyntheticReferring, SyntheticRegions, SyntheticWorld, WorldConfig, region_sample
 from .transforms import Mode, RegionTransform, build_transform
 
-__all__ = ["SyntheticDataModule", "SyntheticEditPairs", "TransformedDataset"]
+__all__ = [
+    "SyntheticDataModule",
+    "SyntheticEditPairs",
+    "SyntheticReferringDataModule",
+    "SyntheticReferringRegions",
+    "TransformedDataset",
+]
 
 
 class TransformedDataset(Dataset):
@@ -134,6 +140,91 @@ class SyntheticDataModule(RegionDataModule):
             return TransformedDataset(pairs, transform, self.world.class_names, block=2)
         scenes = SyntheticRegions(self.world, start=start, length=self.sizes[split])
         return TransformedDataset(scenes, transform, self.world.class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.world.class_names)
+
+
+class SyntheticReferringRegions(SyntheticReferring):
+    """:class:`~regionembed.data.synthetic.SyntheticReferring` in the schema of the referring data modules.
+
+    One item per (scene, expression): the scene's region sample (``image``, ``masks`` and ``boxes`` of every object,
+    i.e. the candidates, ``labels``, ``texts``, ``caption``, ``image_id``) plus ``text`` (the expression),
+    ``target_index`` (the referred object among the candidates) and ``kind`` (``"attribute"``, ``"size"``,
+    ``"ordinal"``, ``"relation"``, or ``"category"`` when ``ambiguous_only`` is off), as RefCOCO items.
+    """
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, k = self.pairs[i]
+        scene = self.world.scene(index)
+        ref = self.world.referring_expressions(scene, self.ambiguous_only)[k]
+        sample = region_sample(self.world, scene, self._image_id(index))
+        sample.update(text=ref.text, target_index=int(ref.target), kind=ref.kind)
+        return sample
+
+
+class SyntheticReferringDataModule(RegionDataModule):
+    """Referring expressions of :class:`~regionembed.data.synthetic.SyntheticWorld` scenes, as ``RefCocoDataModule``.
+
+    Splits are disjoint ranges of scene indices, as :class:`SyntheticDataModule`: train ``[start, start +
+    train_size)``, then val, then test; every expression of a split's scenes is an item (so ``len`` counts
+    expressions). Batches follow :func:`~regionembed.data.collate.collate_regions_batch` with the per-image ``text``,
+    ``target_index`` and ``kind``.
+
+    Args:
+        world: the world's configuration.
+        world_seed: the world's seed.
+        start: first scene index of the train split (the others follow it).
+        train_size: training scenes (0: no train split).
+        val_size: validation scenes.
+        test_size: test scenes.
+        ambiguous_only: only objects whose bare shape is ambiguous (expressions that need attributes, sizes,
+            ordinals or relations); ``False`` adds "the circle" and attribute expressions of unique shapes.
+        preprocess: see :class:`~regionembed.data.modules.RegionDataModule`.
+        mode: see :class:`~regionembed.data.modules.RegionDataModule`.
+        batch_size: see :class:`~regionembed.data.modules.RegionDataModule`.
+        num_workers: see :class:`~regionembed.data.modules.RegionDataModule`.
+        seed: see :class:`~regionembed.data.modules.RegionDataModule`.
+    """
+
+    def __init__(
+        self,
+        world: WorldConfig | None = None,
+        world_seed: int = 0,
+        start: int = 0,
+        train_size: int = 0,
+        val_size: int = 0,
+        test_size: int = 200,
+        ambiguous_only: bool = True,
+        preprocess: PreprocessSpec | None = None,
+        mode: Mode = "squash",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(preprocess=preprocess, mode=mode, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if start < 0 or min(train_size, val_size, test_size) < 0:
+            raise ValueError("start and the split sizes must be >= 0")
+        self.world = SyntheticWorld(world or WorldConfig(), seed=world_seed)
+        self.start = start
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.ambiguous_only = ambiguous_only
+
+    def has_split(self, split: str) -> bool:
+        return self.sizes[split] > 0
+
+    def build_dataset(self, split: str, transform: RegionTransform) -> Dataset:
+        offset = {"train": 0, "val": self.sizes["train"], "test": self.sizes["train"] + self.sizes["val"]}[split]
+        referring = SyntheticReferringRegions(
+            self.world, start=self.start + offset, length=self.sizes[split], ambiguous_only=self.ambiguous_only
+        )
+        if len(referring) == 0:
+            raise ValueError(
+                f"SyntheticReferringDataModule: the {self.sizes[split]} {split} scenes have no referring expression; "
+                "use more scenes or ambiguous_only: false"
+            )
+        return TransformedDataset(referring, transform, self.world.class_names)
 
     @property
     def class_names(self) -> list[str]:

@@ -13,6 +13,7 @@ __all__ = [
     "GradAttention",
     "GradCAM",
     "LeGrad",
+    "MaskInversionMaps",
     "ScoreCAM",
     "VLScore",
     "grad_attention_maps",
@@ -20,3 +21,13 @@ __all__ = [
     "prompt_targets",
     "relevance_to_map",
 ]
+
+
+def __getattr__(name: str):
+    # MaskInversionMaps needs the solver, and the solver needs the explainers: importing it here, on first use,
+    # keeps `import regionembed.inversion` free of a cycle
+    if name == "MaskInversionMaps":
+        from .mask_inversion import MaskInversionMaps
+
+        return MaskInversionMaps
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,8 @@
 An explainer maps ``(backbone, image [B, 3, H, W], targets [B, D]) -> maps [B, H, W]``: for each image, where does
 the model see the target embedding (a text embedding, a class prompt, a MaskInversion token)? Maps are min-max
 normalised to [0, 1] per map. ``differentiable`` says whether the maps stay on the autograd graph (needed to use the
-explainer inside MaskInversion or as a training loss).
+explainer inside MaskInversion or as a training loss). :meth:`Explainer.explain_with_presence` also returns
+whether each target was found (``[B]`` bool; only VL-Score ever answers "not present").
 """
 
 from __future__ import annotations
@@ -41,6 +42,27 @@ class Explainer(abc.ABC):
 
     def __call__(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
         """Explain ``targets`` ``[B, D]`` on ``image`` ``[B or 1, 3, H, W]``; returns maps ``[B, H, W]`` in [0, 1]."""
+        return self.explain(backbone, self._validate(backbone, image, targets), targets, **kwargs)
+
+    def explain_with_presence(
+        self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like calling the explainer, also saying whether each target was found: ``(maps [B, H, W], present [B])``.
+
+        ``present[b]`` False means the explainer decided the target is not in the image (its map is then all
+        zeros); explainers that never decide (all but :class:`~regionembed.explainers.VLScore`) return all True.
+        """
+        return self.explain_presence(backbone, self._validate(backbone, image, targets), targets, **kwargs)
+
+    def explain_presence(
+        self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and presence ``[B]`` bool for validated inputs (the hook of explainers that decide presence)."""
+        maps = self.explain(backbone, image, targets, **kwargs)
+        return maps, torch.ones(maps.shape[0], dtype=torch.bool, device=maps.device)
+
+    def _validate(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Check the inputs; returns ``image`` broadcast to one row per target."""
         backbone.check_image(image)
         if targets.ndim != 2 or targets.shape[1] != backbone.embed_dim:
             raise ValueError(
@@ -52,7 +74,7 @@ class Explainer(abc.ABC):
             image = image.expand(targets.shape[0], -1, -1, -1)
         if image.shape[0] != targets.shape[0]:
             raise ValueError(f"{image.shape[0]} images but {targets.shape[0]} targets")
-        return self.explain(backbone, image, targets, **kwargs)
+        return image
 
     @abc.abstractmethod
     def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -100,8 +100,6 @@ class ScoreCAM(Explainer):
         self.batch_size = int(batch_size)
         self.max_channels = None if max_channels is None else int(max_channels)
         self.eps = float(eps)
-        #: ``[B]`` bool: whether each map of the last call found its target (always True for plain Score-CAM)
-        self.last_present: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------- hooks
     def baseline_image(self, image: torch.Tensor) -> torch.Tensor | None:
@@ -117,15 +115,13 @@ class ScoreCAM(Explainer):
         return weights, torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
 
     # ------------------------------------------------------------------------------------------- compute
-    def explain_with_presence(
-        self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like calling the explainer, also returning presence ``[B]`` bool (False: all-zero "not present" map)."""
-        maps = self(backbone, image, targets)
-        return maps, self.last_present
+    def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.explain_presence(backbone, image, targets)[0]
 
     @torch.no_grad()
-    def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def explain_presence(
+        self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         size = tuple(image.shape[-2:])
         targets = F.normalize(targets, dim=-1)
         # One image broadcast over several targets: embed its masked copies once, score them against every target.
@@ -152,8 +148,7 @@ class ScoreCAM(Explainer):
             acts = acts.expand(targets.shape[0], -1, -1, -1)
         cam = (weights[:, :, None, None] * acts).sum(dim=1).clamp_min(0)  # [B, h, w]
         maps = min_max(upsample(cam, size), self.eps) * present[:, None, None]
-        self.last_present = present
-        return maps
+        return maps, present
 
     def _masked_embeddings(
         self,
@@ -188,8 +183,8 @@ class VLScore(ScoreCAM):
     A channel is kept only when its masked image scores higher (cosine with the target) than the baseline image (the
     fully masked image, i.e. the mean colour; or a blurred copy with ``baseline="blur"``): the channel shows
     something of the target the empty image does not. The weights are a softmax with temperature over the kept
-    channels' scores (0 elsewhere). When no channel is kept the map is all zeros and :attr:`last_present` is False
-    for that item, so callers can report "not present" (:meth:`explain_with_presence` returns both).
+    channels' scores (0 elsewhere). When no channel is kept the map is all zeros and that item is "not present":
+    :meth:`~regionembed.explainers.Explainer.explain_with_presence` returns the maps and presence ``[B]`` bool.
 
     What is ours (details of the VL-Score paper we could not verify): the cosine score, the baseline as the
     all-mean image (the masking fill), the strict ``>`` comparison, the softmax over kept channels' raw scores

@@ -17,6 +17,10 @@ metric                      ``compute()`` keys (fractions in [0, 1] unless noted
 ``ContrastiveDeletionGap``  ``contrastive_gap``, ``target_drop``, ``contrast_drop`` (score units)
 =========================  =================================================================================
 
+``ExplainerLocalization`` bundles the localization and faithfulness evaluators of one explainer (boxes from maps,
+the "not present" rule, deletion/insertion curves of a class-score function); its keys are those of the metrics it
+holds plus ``box_iou``, ``not_present``, ``ms_per_map``, ``deletion_auc``, ``insertion_auc``.
+
 Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_accuracy``, ``referring_accuracy``,
 ``map_mask_agreement``, ``box_localization``, ``max_box_acc``, ``recall_at_k``, ``deletion_insertion_curves``,
 ``auc``, ``contrastive_deletion_gap`` and their per-sample building blocks).
@@ -24,6 +28,7 @@ Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_
 
 from . import functional
 from .classification import RegionAccuracy
+from .explanation import ExplainerLocalization, LocalizationQueries, class_score_curves, localization_queries
 from .faithfulness import ContrastiveDeletionGap, DeletionInsertionAUC
 from .functional import auc, contrastive_deletion_gap, deletion_insertion_curves
 from .localization import BoxLocalization, MapMaskAgreement, MaxBoxAccV2, ReferringAccuracy
@@ -33,13 +38,17 @@ __all__ = [
     "BoxLocalization",
     "ContrastiveDeletionGap",
     "DeletionInsertionAUC",
+    "ExplainerLocalization",
+    "LocalizationQueries",
     "MapMaskAgreement",
     "MaxBoxAccV2",
     "RecallAtK",
     "ReferringAccuracy",
     "RegionAccuracy",
     "auc",
+    "class_score_curves",
     "contrastive_deletion_gap",
     "deletion_insertion_curves",
     "functional",
+    "localization_queries",
 ]

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from scipy import ndimage
 from torchvision.ops import box_iou
+
+from ..boxes import component_boxes
 
 __all__ = [
     "auc",
@@ -296,13 +297,18 @@ def referring_accuracy(pred: torch.Tensor, target: torch.Tensor, iou_threshold: 
 # --------------------------------------------------------------------------------------------------------------------
 # map-vs-mask agreement
 # --------------------------------------------------------------------------------------------------------------------
-def map_mask_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+def map_mask_scores(
+    maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, present: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per-map agreement between a saliency map and a region mask.
 
     Args:
         maps: ``[N, H, W]`` maps in [0, 1].
         masks: ``[N, H, W]`` binary masks (bool or 0/1).
         threshold: a pixel is foreground where ``map >= threshold`` (for the IoU).
+        present: ``[N]`` bool, False where the explainer said the target is not in the image (VL-Score): such a
+            map localises nothing, so it scores IoU, Dice and energy 0 and a pointing-game miss, whatever its
+            pixels and whatever the mask (``None``: every map is present).
 
     Returns:
         Dict of ``[N]`` tensors:
@@ -329,6 +335,12 @@ def map_mask_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 
     dice = torch.where(den > 0, 2 * inside / den.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(den))
     pointing = g.gather(1, m.argmax(1, keepdim=True))[:, 0]
     energy = torch.where(map_sum > 0, inside / map_sum.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    if present is not None:
+        if present.shape != (maps.shape[0],) or present.dtype != torch.bool:
+            raise ValueError(f"present must be bool of shape [{maps.shape[0]}], got {present.dtype} {_shape(present)}")
+        present = present.to(maps.device)
+        iou, dice, energy = (torch.where(present, x, torch.zeros_like(x)) for x in (iou, dice, energy))
+        pointing = pointing & present
     return {"iou": iou, "dice": dice, "pointing": pointing, "energy": energy}
 
 
@@ -456,8 +468,9 @@ def cam_threshold_box_ious(
 ) -> torch.Tensor:
     """Best box IoU obtained by thresholding one map at each CAM threshold (the box part of MaxBoxAcc).
 
-    At threshold ``t`` the foreground is ``cam >= t``; its 8-connected components (``scipy.ndimage.label``) give
-    boxes that tightly enclose their pixels (a component over columns ``c0..c1`` spans ``x`` in ``[c0, c1 + 1]``).
+    At threshold ``t`` the foreground is ``cam >= t``; its 8-connected components
+    (:func:`regionembed.boxes.component_boxes`, the boxing of :func:`~regionembed.boxes.maps_to_boxes`) give boxes
+    that tightly enclose their pixels (a component over columns ``c0..c1`` spans ``x`` in ``[c0, c1 + 1]``).
     This stands in for ``cv2.findContours`` + ``boundingRect`` of the official wsolevaluation code: components are
     outer contours (holes add no box) and the largest is chosen by pixel count rather than contour area.
 
@@ -484,16 +497,12 @@ def cam_threshold_box_ious(
         return best
     m = cam.detach().cpu().double().numpy()
     m = _normalize_map(m) if normalize else m
-    structure = np.ones((3, 3), dtype=bool)
     for i, t in enumerate(thresholds):
-        labels, n = ndimage.label(m >= t, structure=structure)
-        if n == 0:
+        _, boxes, areas = component_boxes(m >= t)
+        if len(areas) == 0:
             continue
-        slices = ndimage.find_objects(labels)
-        boxes = torch.tensor([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], dtype=torch.float64)
         if not multi_contour:
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-            boxes = boxes[int(sizes.argmax())][None]
+            boxes = boxes[int(areas.argmax())][None]
         best[i] = box_iou(boxes, gt).max()
     return best
 

@@ -104,14 +104,16 @@ class MapMaskAgreement(Metric):
         self.add_state("hits", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor | None = None) -> None:
         """Add a batch of maps.
 
         Args:
             maps: ``[N, H, W]`` maps in [0, 1].
             masks: ``[N, H, W]`` binary masks (bool or 0/1).
+            present: ``[N]`` bool; a map whose target was declared absent scores 0 everywhere and a pointing miss
+                (see :func:`~regionembed.metrics.functional.map_mask_scores`). ``None``: all present.
         """
-        scores = map_mask_scores(maps, masks, self.threshold)
+        scores = map_mask_scores(maps, masks, self.threshold, present)
         # "cat" states in the metric dtype: torchmetrics pads a rank without samples with an empty tensor of that dtype
         self.iou.append(scores["iou"].to(self.dtype))
         self.dice.append(scores["dice"].to(self.dtype))

@@ -5,6 +5,7 @@ from .composed_retrieval import ComposedRetrievalModule, LearnedCombiner, SumCom
 from .contrastive import ContrastiveModule
 from .localization import LocalizationModule, MaskInversionMaps
 from .mask_inversion import MaskInversionModule
+from .referring import ReferringModule
 from .region_classification import RegionClassificationModule
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LocalizationModule",
     "MaskInversionMaps",
     "MaskInversionModule",
+    "ReferringModule",
     "RegionClassificationModule",
     "SumCombiner",
 ]

@@ -9,44 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
-from open_clip.loss import gather_features
 
 from ..backbones.alpha import alpha_from_masks, export_alpha_clip_visual, whole_image_alpha
 from ..backbones.base import Backbone
+from ..losses import gather_features, masked_contrastive_loss
 from ..metrics import RegionAccuracy
-from ..text import encode_prompts
+from ..text import TextEmbeddingCache
 from .contrastive import ContrastiveModule, check_optimizer_settings, param_groups
 
+# masked_contrastive_loss lives in regionembed.losses; it stays importable from here (its first home)
 __all__ = ["AlphaCLIPModule", "alpha_pairs", "masked_contrastive_loss"]
 
 log = logging.getLogger(__name__)
-
-
-def masked_contrastive_loss(
-    logits: torch.Tensor, text_ids: torch.Tensor | None = None, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Symmetric InfoNCE over ``logits`` ``[N, N]`` (pair ``i`` is the positive of row/column ``i``).
-
-    With ``text_ids`` ``[N]``, an off-diagonal pair whose texts are identical (two regions both called "a red
-    circle") is a false negative and is left out of the softmax. Label smoothing spreads ``label_smoothing`` of
-    the target mass uniformly over the entries kept; without duplicates this equals
-    ``F.cross_entropy(..., label_smoothing=...)``.
-    """
-    n = logits.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    valid = torch.ones_like(eye) if text_ids is None else (text_ids[:, None] != text_ids[None, :]) | eye
-
-    def one_side(lg: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(lg.masked_fill(~valid, float("-inf")), dim=1)
-        nll = -logp.diagonal()
-        if not label_smoothing:
-            return nll.mean()
-        uniform = -(logp.masked_fill(~valid, 0.0)).sum(1) / valid.sum(1)
-        return ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()
-
-    return (one_side(logits) + one_side(logits.T)) / 2
 
 
 def _text_id(text: str) -> int:
@@ -167,16 +142,12 @@ class AlphaCLIPModule(ContrastiveModule):
         if any("{}" not in t for t in self.templates):
             raise ValueError(f"every template needs a '{{}}' placeholder, got {self.templates}")
         backbone.enable_alpha()
-        model = backbone.model
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("visual."))
-        model.logit_scale.requires_grad_(learn_temperature)
-        backbone.alpha_embed.requires_grad_(True)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        backbone.set_trainable(image=True, logit_scale=learn_temperature, alpha=True)
+        self.text_cache = TextEmbeddingCache(max_size=200_000)  # the frozen text tower, texts as they come
+        self.class_cache = TextEmbeddingCache(self.templates)
         self.world, self.rank = 1, 0  # set in setup() once a trainer is attached
         self.class_names: list[str] = []
         self.val_accuracy: RegionAccuracy | None = None
-        self._class_text: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -201,24 +172,12 @@ class AlphaCLIPModule(ContrastiveModule):
 
     def _text_tower_eval(self) -> None:
         """The frozen text tower stays in eval mode (no dropout), so cached text embeddings stay valid."""
-        for name, child in self.backbone.model.named_children():
-            if name != "visual":
-                child.eval()
+        self.backbone.eval_text_tower()
 
     # ------------------------------------------------------------------------------------------ encoders
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised embeddings ``[N, D]`` of the frozen text tower, cached per distinct text."""
-        todo = sorted({t for t in texts if t not in self._text_cache})
-        if todo:
-            if len(self._text_cache) + len(todo) > 200_000:  # bounded memory on open-vocabulary data
-                self._text_cache.clear()
-            # one text per forward: an embedding must not depend on which other texts happened to be new in
-            # this batch (batched matmuls round differently), or a resumed run would drift from a straight one
-            for text in todo:
-                tokens = self.backbone.tokenize([text]).to(self.device)
-                self._text_cache[text] = self.backbone.encode_text(tokens, normalize=True)[0]
-        return torch.stack([self._text_cache[t].to(self.device) for t in texts])
+        return self.text_cache(self.backbone, texts, self.device)
 
     def _generator(self, stage: int) -> torch.Generator:
         seed = (self.hparams.seed * 1_000_003 + self.global_step * 101 + self.rank * 7 + stage) % 2**63
@@ -259,12 +218,11 @@ class AlphaCLIPModule(ContrastiveModule):
             self.world = world
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(texts))
         if self.val_accuracy is not None and len(batch["labels"]):
-            if self._class_text is None:
-                self._class_text = encode_prompts(self.backbone, self.class_names, self.templates, self.device)
+            class_text = self.class_cache(self.backbone, self.class_names, self.device)
             index = batch["region_batch_index"]
             alphas = alpha_from_masks(batch["masks"])
             feats = self.backbone.encode_image(batch["image"][index], normalize=True, alpha=alphas)
-            self.val_accuracy.update(feats @ self._class_text.T, batch["labels"])
+            self.val_accuracy.update(feats @ class_text.T, batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
         if self.val_accuracy is None:
@@ -288,7 +246,7 @@ class AlphaCLIPModule(ContrastiveModule):
         """The alpha conv at ``lr_alpha``; the rest of the image tower (and the temperature) at ``lr``."""
         hp = self.hparams
         alpha = [{**g, "lr": hp.lr_alpha} for g in param_groups(self.backbone.alpha_embed, hp.weight_decay)]
-        visual = [{**g, "lr": hp.lr} for g in param_groups(self.backbone.model.visual, hp.weight_decay)]
+        visual = [{**g, "lr": hp.lr} for g in param_groups(self.backbone.image_tower, hp.weight_decay)]
         groups = alpha + visual
         if hp.learn_temperature:
             groups.append({"params": [self.backbone.logit_scale], "lr": hp.lr, "weight_decay": 0.0})

@@ -2,15 +2,16 @@
 
 A configurable reconstruction of MMGrad (Udhayanan et al., 2023; see :mod:`regionembed.explainers.grad_attention`
 for what is known and what is our choice). The query is the composition of the reference image's embedding and the
-modifier's text embedding (:class:`SumCombiner`, or :class:`LearnedCombiner` after CLIP4Cir); targets are image
-embeddings; the retrieval loss is InfoNCE of each query against the targets of the whole (gathered) batch. With
+modifier's text embedding (:class:`~regionembed.composed.SumCombiner`, or :class:`~regionembed.composed.LearnedCombiner`
+after CLIP4Cir); targets are image embeddings; the retrieval loss is InfoNCE of each query against the targets of the
+whole (gathered) batch (:func:`~regionembed.losses.composed_info_nce`). With
 ``attn_weight > 0`` a second term pulls the gradient-attention map of the query-target score on the reference image
 onto the changed region (``attn_loss``: Dice, BCE or energy outside the mask), trained end to end through the
 second-order backward.
 
-Evaluation: Recall@K over a gallery of the split's target (and reference) images, the query's own reference
-excluded, and the map's grounding on the changed region (IoU, Dice, pointing game, energy pointing game) when the
-data has changed-region masks.
+Evaluation: Recall@K (:class:`~regionembed.metrics.RecallAtK`) over a gallery of the split's target (and reference)
+images (:func:`~regionembed.composed.build_gallery`), the query's own reference excluded, and the map's grounding
+on the changed region (IoU, Dice, pointing game, energy pointing game) when the data has changed-region masks.
 
 MaskInversion's gradient decomposition (:mod:`regionembed.inversion.strategies`) does not apply here: it treats the
 explained block's Jacobian as a constant of a frozen model, while this loss must reach the image tower's weights
@@ -27,17 +28,19 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed.nn  # all_gather with gradients
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..composed import LearnedCombiner, SumCombiner, build_combiner, build_gallery, gather_rows
 from ..explainers.grad_attention import Pooling, grad_attention_maps
+from ..losses import composed_info_nce
 from ..losses.attention import AttentionLossKind, attention_loss
-from ..metrics import MapMaskAgreement
-from ..metrics.functional import recall_at_k
+from ..metrics import MapMaskAgreement, RecallAtK
 from .contrastive import check_optimizer_settings, cosine_with_warmup, param_groups
 
+# the combiners, the gallery helpers and the loss live in regionembed.composed and regionembed.losses; they stay
+# importable from here, their first home
 __all__ = [
     "ComposedRetrievalModule",
     "LearnedCombiner",
@@ -48,144 +51,6 @@ __all__ = [
 ]
 
 TOWERS = ("image", "text", "logit_scale")
-
-
-class SumCombiner(nn.Module):
-    """``normalize(normalize(image) + normalize(text))``: the training-free baseline.
-
-    Args:
-        dim: embedding dimension D (unused; for a signature shared with :class:`LearnedCombiner`).
-    """
-
-    def __init__(self, dim: int = 0) -> None:
-        super().__init__()
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` image and text embeddings -> ``[B, D]`` unit-norm queries."""
-        return F.normalize(F.normalize(image, dim=-1) + F.normalize(text, dim=-1), dim=-1)
-
-
-class LearnedCombiner(nn.Module):
-    """The CLIP4Cir combiner (Baldrati et al., 2022), small.
-
-    Image and text embeddings are projected (Linear, ReLU, dropout) and concatenated; one branch maps the pair to an
-    output embedding, another to a mixing weight ``lam`` in (0, 1); the query is
-    ``normalize(out + lam * text + (1 - lam) * image)`` (unit-norm inputs). Our choice: the output layer starts at
-    zero, so training starts from a weighted sum (the :class:`SumCombiner` direction at ``lam = 0.5``).
-
-    Args:
-        dim: embedding dimension D.
-        proj_dim: width of the two projections.
-        hidden_dim: width of the combining layers.
-        dropout: dropout after the projections and hidden layers.
-    """
-
-    def __init__(self, dim: int, proj_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1) -> None:
-        super().__init__()
-        if dim < 1:
-            raise ValueError(f"LearnedCombiner needs the embedding dimension, got dim={dim}")
-        self.image_proj = nn.Sequential(nn.Linear(dim, proj_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.text_proj = nn.Sequential(nn.Linear(dim, proj_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.combine = nn.Sequential(nn.Linear(2 * proj_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.output = nn.Linear(hidden_dim, dim)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
-        self.mix = nn.Sequential(
-            nn.Linear(2 * proj_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, 1), nn.Sigmoid()
-        )
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` image and text embeddings -> ``[B, D]`` unit-norm queries."""
-        if image.shape != text.shape or image.ndim != 2:
-            raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must both be [B, D]")
-        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-        pair = torch.cat([self.image_proj(image), self.text_proj(text)], dim=-1)
-        lam = self.mix(pair)
-        return F.normalize(self.output(self.combine(pair)) + lam * text + (1 - lam) * image, dim=-1)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def composed_info_nce(query: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """InfoNCE of each query against the targets of the whole batch, gathered across ranks with gradients.
-
-    As open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, one direction (query -> target, as
-    CLIP4Cir): rank ``r`` scores its ``B`` queries against all ``W * B`` targets; DDP's gradient averaging then
-    gives exactly the gradient of the loss on the concatenated batch (equal ``B`` on every rank, as the training
-    sampler guarantees).
-
-    Args:
-        query: ``[B, D]`` unit-norm queries of this rank.
-        target: ``[B, D]`` unit-norm targets of this rank (row ``i`` is query ``i``'s positive).
-        logit_scale: multiplier of the cosines (``exp`` of CLIP's learnt log-scale).
-
-    Returns:
-        The mean cross-entropy over this rank's queries.
-    """
-    if query.shape != target.shape or query.ndim != 2:
-        raise ValueError(f"query {tuple(query.shape)} and target {tuple(target.shape)} must both be [B, D]")
-    world, rank = _world()
-    all_targets = target
-    offset = 0
-    if world > 1:
-        all_targets = torch.cat(torch.distributed.nn.all_gather(target), dim=0)
-        offset = rank * query.shape[0]
-    logits = logit_scale * query @ all_targets.T
-    labels = torch.arange(query.shape[0], device=query.device) + offset
-    return F.cross_entropy(logits, labels)
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` ``[n_r, ...]`` of every rank in rank order (uneven ``n_r`` allowed, no gradient)."""
-    world, _ = _world()
-    if world == 1:
-        return x
-    dist = torch.distributed
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    largest = int(max(s.item() for s in sizes))
-    padded = x.new_zeros((largest, *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
-
-
-def build_gallery(
-    keys: torch.Tensor, embeddings: torch.Tensor, target_keys: torch.Tensor, reference_keys: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deduplicate gallery images by key and locate each query's target and reference in it.
-
-    Args:
-        keys: ``[M]`` int64 image keys of the gallery candidates (the same image may come several times).
-        embeddings: ``[M, D]`` their embeddings.
-        target_keys: ``[Q]`` key of each query's target (must be among ``keys``).
-        reference_keys: ``[Q]`` key of each query's reference image.
-
-    Returns:
-        ``(gallery [G, D], target [Q], exclude [Q])``: indices into the gallery; ``exclude`` is ``-1`` where the
-        reference is not in the gallery.
-    """
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    first = torch.full((len(uniq),), len(keys), dtype=torch.long, device=keys.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(keys), device=keys.device), reduce="amin")
-    gallery = embeddings[first]
-
-    def locate(k: torch.Tensor) -> torch.Tensor:
-        pos = torch.searchsorted(uniq, k).clamp_max(len(uniq) - 1)
-        return torch.where(uniq[pos] == k, pos, torch.full_like(pos, -1))
-
-    target = locate(target_keys)
-    if bool((target < 0).any()):
-        raise ValueError("some targets are not in the gallery")
-    exclude = locate(reference_keys)
-    exclude = torch.where(exclude == target, torch.full_like(exclude, -1), exclude)
-    return gallery, target, exclude
 
 
 class ComposedRetrievalModule(L.LightningModule):
@@ -259,32 +124,16 @@ class ComposedRetrievalModule(L.LightningModule):
         if attn_pooling not in ("legrad", "gradcam"):
             raise ValueError(f"unknown attn_pooling {attn_pooling!r}")
         self.backbone = backbone
-        if combiner == "sum":
-            self.combiner: nn.Module = SumCombiner(backbone.embed_dim)
-        elif combiner == "learned":
-            self.combiner = LearnedCombiner(
-                backbone.embed_dim, combiner_proj_dim, combiner_hidden_dim, combiner_dropout
-            )
-        else:
-            raise ValueError(f"unknown combiner {combiner!r}; choose 'sum' or 'learned'")
-        self._freeze(set(train_towers))
+        self.combiner: nn.Module = build_combiner(
+            combiner, backbone.embed_dim, combiner_proj_dim, combiner_hidden_dim, combiner_dropout
+        )
+        towers = set(train_towers)
+        backbone.set_trainable(image="image" in towers, text="text" in towers, logit_scale="logit_scale" in towers)
         self.grounding = nn.ModuleDict({s: MapMaskAgreement() for s in ("val", "test")})
+        self.recall = nn.ModuleDict({s: RecallAtK(k=recall_k) for s in ("val", "test")})
         self._store: dict[str, list[dict[str, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------------------------------------ parts
-    def _freeze(self, towers: set[str]) -> None:
-        model = self.backbone.model
-        self.backbone.requires_grad_(False)
-        if "image" in towers:
-            model.visual.requires_grad_(True)
-        if "text" in towers:
-            # every parameter outside the image tower, except the logit scale, belongs to the text tower
-            for name, p in model.named_parameters():
-                if not name.startswith("visual.") and name != "logit_scale":
-                    p.requires_grad_(True)
-        if "logit_scale" in towers:
-            model.logit_scale.requires_grad_(True)
-
     def scale(self) -> torch.Tensor:
         if self.hparams.logit_scale is not None:
             return torch.tensor(float(self.hparams.logit_scale), device=self.device)
@@ -401,21 +250,24 @@ class ComposedRetrievalModule(L.LightningModule):
             local = {k: torch.zeros(0, d, device=self.device) for k in ("query", "target", "reference")}
             local.update({k: torch.zeros(0, dtype=torch.long, device=self.device) for k in ("index", "target_key")})
             local["reference_key"] = torch.zeros(0, dtype=torch.long, device=self.device)
-        # a fixed key order: gather_rows is a collective, so every rank must gather the same key at the same time
-        order = ("index", "query", "target", "reference", "target_key", "reference_key")
-        every = {k: gather_rows(local[k]) for k in order}  # all ranks compute the same numbers
+        # The gallery (targets, and references) of every rank, deduplicated: all ranks hold the same gallery. Each
+        # rank then ranks its own queries against it; RecallAtK sums the hits over ranks in compute().
+        # A fixed key order: gather_rows is a collective, so every rank must gather the same key at the same time.
+        order = ("index", "target", "reference", "target_key", "reference_key")
+        every = {k: gather_rows(local[k]) for k in order}
+        recall = self.recall[stage]
         if len(every["index"]):
-            q = len(every["index"])
             keys, embs = every["target_key"], every["target"]
             if self.hparams.gallery == "targets_and_references":
                 keys = torch.cat([keys, every["reference_key"]])
                 embs = torch.cat([embs, every["reference"]])
-            gallery, target, exclude = build_gallery(keys, embs, every["target_key"], every["reference_key"])
-            recalls = recall_at_k(every["query"] @ gallery.T, target, self.hparams.recall_k, exclude)
-            for name, value in recalls.items():
+            gallery, target, exclude = build_gallery(keys, embs, local["target_key"], local["reference_key"])
+            recall.update(local["query"] @ gallery.T, target, exclude)  # [0, G] on a rank without queries
+            for name, value in recall.compute().items():  # a collective: every rank of a non-empty split
                 self.log(f"{stage}/{name}", value.float(), sync_dist=False, rank_zero_only=False)
             self.log(f"{stage}/gallery_size", float(len(gallery)), sync_dist=False)
-            self.log(f"{stage}/queries", float(q), sync_dist=False)
+            self.log(f"{stage}/queries", float(len(every["index"])), sync_dist=False)
+        recall.reset()
         metric = self.grounding[stage]
         # every rank must take the same branch: compute() is a collective
         updated = gather_rows(torch.tensor([metric.update_count], device=self.device)).sum() > 0

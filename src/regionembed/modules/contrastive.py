@@ -12,10 +12,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
-from open_clip import ClipLoss
 
 from ..backbones.base import Backbone
 from ..io import save_safetensors
+from ..losses import ClipLoss
 
 __all__ = ["ContrastiveModule", "check_optimizer_settings", "cosine_with_warmup", "param_groups"]
 
@@ -152,8 +152,9 @@ class ContrastiveModule(L.LightningModule):
     @rank_zero_only
     def _export(self) -> None:
         path = Path(self.hparams.export_path)
-        state = {k: v for k, v in self.backbone.model.state_dict().items()}
-        save_safetensors(state, path, metadata={"model_name": getattr(self.backbone, "model_name", "")})
+        save_safetensors(
+            self.backbone.export_state_dict(), path, metadata={"model_name": getattr(self.backbone, "model_name", "")}
+        )
         log.info("exported backbone weights to %s", path)
 
     def on_fit_end(self) -> None:

@@ -24,11 +24,15 @@ Protocol (one *query* per image and ground-truth class present in it):
   (the solver's ``maps``), computed *from the ground-truth mask of the query*. Its localization numbers therefore
   measure how well the token's map reproduces the mask it was fitted to, not detection; its contrastive gap uses
   the MaskInversion map of ``b``'s mask and is taken only when ``b`` is present in the image.
-* **"Not present".** An explainer may say that a target is absent from an image (VL-Score keeps no channel): it sets
-  ``last_present`` (``[B]`` bool, one per map of its last call). Such maps count as misses everywhere: no box (IoU
-  0), a pointing-game miss, IoU/Dice/energy 0, and the fraction is reported as ``not_present``. Their faithfulness
-  curves are still computed on the (constant) map.
+* **"Not present".** An explainer may say that a target is absent from an image (VL-Score keeps no channel):
+  :meth:`~regionembed.explainers.Explainer.explain_with_presence` returns ``present`` ``[B]`` bool with the maps.
+  Such maps count as misses everywhere: no box (IoU 0), a pointing-game miss, IoU/Dice/energy 0, and the fraction is
+  reported as ``not_present``. Their faithfulness curves are still computed on the (constant) map.
 * **Time per map**: wall time of the explainer (or solver) call divided by the maps it returned, in the same run.
+
+The evaluation itself (queries, boxes, every metric, the faithfulness curves) is library code:
+:class:`~regionembed.metrics.ExplainerLocalization` and :func:`~regionembed.metrics.localization_queries`; this
+module wires them, the explainers and the backbone's class scores to the test loop.
 
 Logged scalars (the dashboard contract; ``<explainer>`` is the explainer's ``name``, default the lower-case class
 name, e.g. ``legrad``; fractions in [0, 1]): ``test/<explainer>/{gt_known_loc, top1_loc, top5_loc, box_iou,
@@ -50,28 +54,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
-from torchmetrics.aggregation import CatMetric
 
 from ..backbones.base import Backbone
-from ..boxes import BoxMode, empty_box, maps_to_boxes
+from ..boxes import BoxMode
 from ..explainers import Explainer, LeGrad
-from ..inversion import MaskInversion
+from ..explainers.mask_inversion import MaskInversionMaps
 from ..io import save_json
-from ..metrics import (
-    BoxLocalization,
-    ContrastiveDeletionGap,
-    DeletionInsertionAUC,
-    MapMaskAgreement,
-    MaxBoxAccV2,
-    RegionAccuracy,
-    deletion_insertion_curves,
-)
-from ..metrics.functional import best_box_iou
-from ..regions import MaskInversionEmbedding
-from ..text import DEFAULT_TEMPLATES, encode_prompts
+from ..metrics import ExplainerLocalization, RegionAccuracy, localization_queries
+from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
 from .mask_inversion import require_grad_mode
 
+# MaskInversionMaps lives in regionembed.explainers; it stays importable from here (its first home)
 __all__ = ["FAITHFULNESS_KEYS", "LOCALIZATION_KEYS", "LocalizationModule", "MaskInversionMaps", "localization_table"]
 
 log = logging.getLogger(__name__)
@@ -115,20 +108,20 @@ def localization_table(results: dict[str, dict[str, float]], keys: Sequence[str]
     return "\n".join(lines)
 
 
-class MaskInversionMaps(MaskInversionEmbedding):
-    """MaskInversion as an explainer of region masks: the final LeGrad maps of the optimised tokens.
-
-    ``maps(backbone, image [1, 3, S, S], masks [N, S, S]) -> [N, S, S]``. Unlike the text-driven explainers it needs
-    the region mask (see the module docstring for what its localization numbers mean).
-
-    Args: those of :class:`~regionembed.regions.MaskInversionEmbedding` (the solver's, official defaults).
-    """
-
-    def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return MaskInversion(backbone, **self.config)(image, masks).maps
-
-    def __repr__(self) -> str:
-        return f"MaskInversionMaps({self.config})"
+#: the module's arguments that configure each explainer's ExplainerLocalization as they are
+_EVALUATOR_ARGS = (
+    "threshold",
+    "min_area",
+    "box_mode",
+    "iou_threshold",
+    "cam_thresholds",
+    "map_threshold",
+    "faithfulness",
+    "faithfulness_steps",
+    "deletion_baseline",
+    "insertion_baseline",
+    "faithfulness_batch_size",
+)
 
 
 def _explainer_name(explainer: Any) -> str:
@@ -208,7 +201,7 @@ class LocalizationModule(L.LightningModule):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.metrics: torch.nn.ModuleDict | None = None
         self.results: dict[str, dict[str, float]] = {}
-        self._text: torch.Tensor | None = None
+        self.text_cache = TextEmbeddingCache(self.templates)
 
     @property
     def method_names(self) -> list[str]:
@@ -220,21 +213,8 @@ class LocalizationModule(L.LightningModule):
         self.backbone.eval()
         return self
 
-    def _method_metrics(self) -> torch.nn.ModuleDict:
-        hp = self.hparams
-        metrics = {
-            "boxloc": BoxLocalization(iou_threshold=hp.iou_threshold, top_k=self.top_k),
-            "box_iou": CatMetric(),
-            "maxboxacc": MaxBoxAccV2(cam_thresholds=hp.cam_thresholds),
-            "agreement": MapMaskAgreement(threshold=hp.map_threshold),
-            "not_present": MeanMetric(),
-            "ms_per_map": MeanMetric(),
-        }
-        if hp.faithfulness:
-            metrics["deletion_auc"] = DeletionInsertionAUC()
-            metrics["insertion_auc"] = DeletionInsertionAUC()
-            metrics["contrastive"] = ContrastiveDeletionGap()
-        return torch.nn.ModuleDict(metrics)
+    def _evaluator(self) -> ExplainerLocalization:
+        return ExplainerLocalization(top_k=self.top_k, **{k: self.hparams[k] for k in _EVALUATOR_ARGS})
 
     def setup(self, stage: str) -> None:
         if self.class_names is None:
@@ -242,14 +222,12 @@ class LocalizationModule(L.LightningModule):
             self.class_names = list(getattr(datamodule, "class_names", None) or [])
             if not self.class_names:
                 raise ValueError("LocalizationModule needs class_names (or a data module that has them)")
-        self.metrics = torch.nn.ModuleDict({name: self._method_metrics() for name in self.method_names})
+        self.metrics = torch.nn.ModuleDict({name: self._evaluator() for name in self.method_names})
         self.classification = RegionAccuracy(num_classes=len(self.class_names), top_k=self.top_k)
 
     def text_embeddings(self) -> torch.Tensor:
         """``[C, D]`` normalised class prompt embeddings (template-averaged), cached per device."""
-        if self._text is None or self._text.device != self.device:
-            self._text = encode_prompts(self.backbone, self.class_names, self.templates, device=self.device)
-        return self._text
+        return self.text_cache(self.backbone, self.class_names, self.device)
 
     @torch.no_grad()
     def class_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -259,131 +237,6 @@ class LocalizationModule(L.LightningModule):
         if self.hparams.faithfulness_score == "cosine":
             return cos
         return (self.backbone.logit_scale.exp() * cos).softmax(-1)
-
-    def _curves(
-        self,
-        image: torch.Tensor,
-        maps: torch.Tensor,
-        classes: torch.Tensor,
-        mode: str,
-        baseline: str,
-        also: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Deletion/insertion curves ``[Q, S + 1]`` of the scores of ``classes`` ``[Q]`` along ``maps``.
-
-        With ``also`` (``[Q]`` classes), the curves of those classes on the *same* perturbed images come second
-        (the contrastive gap scores two classes along one map: one pass over the images instead of two).
-        """
-        hp = self.hparams
-        rows: list[torch.Tensor] = []
-
-        def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            scores = self.class_scores(x)  # [M, C]
-            if also is not None:
-                rows.append(scores.gather(1, also[index][:, None])[:, 0])
-            return scores.gather(1, classes[index][:, None])[:, 0]
-
-        curves = deletion_insertion_curves(
-            score,
-            image.expand(maps.shape[0], -1, -1, -1),
-            maps,
-            steps=hp.faithfulness_steps,
-            mode=mode,
-            baseline=baseline,
-            batch_size=hp.faithfulness_batch_size,
-        )
-        # score_fn is called on consecutive chunks of the flattened (sample, step) order: rows concatenate back
-        second = torch.cat(rows).view_as(curves).to(curves.dtype) if also is not None else None
-        return curves, second
-
-    def _update(
-        self,
-        name: str,
-        image: torch.Tensor,
-        maps: torch.Tensor,
-        contrast_maps: torch.Tensor | None,
-        present: torch.Tensor,
-        query: dict[str, Any],
-        seconds_per_map: float,
-    ) -> None:
-        """Score the maps ``[Q, S, S]`` of the ``Q`` queries of one image with every metric of ``name``."""
-        metrics = self.metrics[name]
-        size = image.shape[-2:]
-        if maps.shape[-2:] != size:  # explainers give image-size maps; resize any that do not
-            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-            if contrast_maps is not None:
-                contrast_maps = F.interpolate(contrast_maps[:, None], size=size, mode="bilinear")[:, 0].clamp(0, 1)
-        absent = ~present
-        boxes = []
-        found = maps_to_boxes(maps, self.hparams.threshold, self.hparams.min_area, self.hparams.box_mode)
-        for result, miss in zip(found, absent.tolist(), strict=True):
-            # no component (or an absent target): a zero-area box, IoU 0 with everything, i.e. a miss
-            boxes.append(empty_box(maps.device) if miss or len(result.boxes) == 0 else result.boxes[:1])
-        boxes = torch.cat(boxes)
-        gt_boxes, gt_masks, classes = query["boxes"], query["masks"], query["classes"]
-        metrics["boxloc"].update(boxes, gt_boxes, query["topk"], classes)
-        metrics["box_iou"].update(best_box_iou(boxes, gt_boxes).float())
-        scored = maps
-        if bool(absent.any()):
-            # an absent target localises nothing: a map whose only non-zero pixel lies outside the mask scores 0
-            # IoU/Dice/energy and a pointing miss; its MaxBoxAccV2 map is all zeros (at threshold 0 the whole image)
-            rows = torch.nonzero(absent)[:, 0]
-            mba_maps = maps.clone()
-            mba_maps[rows] = 0
-            scored = mba_maps.clone()
-            outside = (~gt_masks[rows]).flatten(1).float().argmax(1)  # the first pixel outside the mask
-            scored.view(scored.shape[0], -1)[rows, outside] = 1.0
-        else:
-            mba_maps = maps
-        metrics["maxboxacc"].update(mba_maps, gt_boxes)
-        metrics["agreement"].update(scored, gt_masks)
-        metrics["not_present"].update(absent.float())
-        metrics["ms_per_map"].update(torch.tensor(1000 * seconds_per_map), weight=maps.shape[0])
-        if not self.hparams.faithfulness:
-            return
-        hp = self.hparams
-        metrics["deletion_auc"].update(self._curves(image, maps, classes, "deletion", hp.deletion_baseline)[0])
-        metrics["insertion_auc"].update(self._curves(image, maps, classes, "insertion", hp.insertion_baseline)[0])
-        if contrast_maps is None:
-            return
-        valid = query["contrast_valid"]
-        if not bool(valid.any()):
-            return
-        diff = maps[valid] - contrast_maps[valid]
-        curve_a, curve_b = self._curves(
-            image, diff, classes[valid], "deletion", hp.deletion_baseline, also=query["contrast"][valid]
-        )
-        metrics["contrastive"].update(curve_a, curve_b)
-
-    def _queries(self, logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor):
-        """One query per class present in an image: GT boxes/mask, masked top-k classes, contrast class."""
-        classes = torch.unique(labels, sorted=True)
-        q, c = classes.numel(), logits.numel()
-        present = torch.zeros(c, dtype=torch.bool, device=logits.device)
-        present[classes] = True
-        # rank each query's class among itself and the absent classes (other present classes are not errors)
-        others = present[None].expand(q, c).clone()
-        others[torch.arange(q), classes] = False
-        floor = logits.min() - 1  # finite stand-in for -inf (RegionAccuracy rejects non-finite logits)
-        q_logits = torch.where(others, floor, logits[None].expand(q, c))
-        k = min(max(self.top_k), c)
-        topk = q_logits.topk(k, dim=1).indices
-        # contrast class: the best-scoring other present class, else the best-scoring absent class
-        other_present = torch.where(others, logits[None], -math.inf)
-        absent_logits = torch.where(present, -math.inf, logits)
-        fallback = absent_logits.argmax() if bool((~present).any()) else classes[0]
-        contrast = torch.where(others.any(1), other_present.argmax(1), fallback)
-        in_image = present[contrast] & (contrast != classes)
-        return {
-            "classes": classes,
-            "logits": q_logits,
-            "topk": topk,
-            "boxes": [boxes[labels == cls] for cls in classes],
-            "masks": torch.stack([masks[labels == cls].any(0) for cls in classes]),
-            "contrast": contrast,
-            "contrast_in_image": in_image,
-            "contrast_valid": contrast != classes,
-        }
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         require_grad_mode()
@@ -396,55 +249,55 @@ class LocalizationModule(L.LightningModule):
             keep = batch["region_batch_index"] == b
             if not bool(keep.any()):
                 continue
-            query = self._queries(logits[b], batch["labels"][keep], batch["masks"][keep] > 0.5, batch["boxes"][keep])
-            self.classification.update(query["logits"], query["classes"])
+            masks, boxes = batch["masks"][keep] > 0.5, batch["boxes"][keep]
+            query = localization_queries(logits[b], batch["labels"][keep], masks, boxes, self.top_k)
+            self.classification.update(query.logits, query.classes)
             image = images[b : b + 1]
-            classes, contrast = query["classes"], query["contrast"]
+            classes, contrast = query.classes, query.contrast
             # explain every present class once; a contrast class that is not present is explained in addition
-            extra = contrast[~query["contrast_in_image"] & query["contrast_valid"]].unique()
+            extra = contrast[~query.contrast_in_image & query.contrast_valid].unique()
             targets = torch.cat([classes, extra])
             row = {int(cls): i for i, cls in enumerate(targets.tolist())}
             contrast_index = torch.tensor([row.get(int(cls), 0) for cls in contrast], device=targets.device)
+            q = classes.numel()
             for name, explainer in self.explainers.items():
                 start = time.perf_counter()
-                maps = explainer(self.backbone, image, text[targets]).detach()
+                maps, present = explainer.explain_with_presence(self.backbone, image, text[targets])
                 seconds = (time.perf_counter() - start) / targets.numel()
-                present = getattr(explainer, "last_present", None)
-                present = (
-                    torch.ones(targets.numel(), dtype=torch.bool, device=maps.device)
-                    if present is None
-                    else torch.as_tensor(present, device=maps.device).bool().reshape(-1)
+                maps = maps.detach()
+                self.metrics[name].update(
+                    image,
+                    maps[:q],
+                    present[:q],
+                    query,
+                    seconds,
+                    contrast_maps=maps[contrast_index],
+                    class_scores=self.class_scores,
                 )
-                q = classes.numel()
-                self._update(name, image, maps[:q], maps[contrast_index], present[:q], query, seconds)
             if self.mask_inversion is not None:
                 start = time.perf_counter()
-                maps = self.mask_inversion(self.backbone, image, query["masks"].float()).detach()
-                seconds = (time.perf_counter() - start) / classes.numel()
+                maps = self.mask_inversion(self.backbone, image, query.masks.float()).detach()
+                seconds = (time.perf_counter() - start) / q
                 q_index = {int(cls): i for i, cls in enumerate(classes.tolist())}
-                mi_query = {**query, "contrast_valid": query["contrast_in_image"]}
                 contrast_maps = maps[torch.tensor([q_index.get(int(cls), 0) for cls in contrast], device=maps.device)]
-                present = torch.ones(classes.numel(), dtype=torch.bool, device=maps.device)
-                self._update(self.mask_inversion.name, image, maps, contrast_maps, present, mi_query, seconds)
-
-    def _compute(self, metrics: torch.nn.ModuleDict) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for key, metric in metrics.items():
-            value = metric.compute()
-            if key == "box_iou":
-                values = value if isinstance(value, torch.Tensor) else torch.zeros(0)
-                out[key] = float(values.double().mean()) if values.numel() else math.nan
-            elif isinstance(value, dict):
-                out.update({k: float(v) for k, v in value.items()})
-            else:
-                out[key] = float(value)
-            metric.reset()
-        return out
+                self.metrics[self.mask_inversion.name].update(
+                    image,
+                    maps,
+                    torch.ones(q, dtype=torch.bool, device=maps.device),
+                    query,
+                    seconds,
+                    contrast_maps=contrast_maps,
+                    contrast_valid=query.contrast_in_image,  # its contrast map needs the contrast class's mask
+                    class_scores=self.class_scores,
+                )
 
     def on_test_epoch_end(self) -> None:
         with self.classification.sync_context():  # collective: every rank takes part
             num_queries = int(self.classification.count.sum())
-        self.results = {name: self._compute(self.metrics[name]) for name in self.method_names}
+        self.results = {}
+        for name in self.method_names:
+            self.results[name] = self.metrics[name].compute()
+            self.metrics[name].reset()
         cls = {k: float(v) for k, v in self.classification.compute().items()}
         self.classification.reset()
         for name, values in [*self.results.items(), ("classification", cls)]:

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from ..backbones.base import Backbone
 from ..inversion import MaskInversion
 from ..outputs import fingerprint_settings
-from ..text import encode_prompts
+from ..text import TextEmbeddingCache
 
 __all__ = ["MaskInversionModule", "require_grad_mode"]
 
@@ -84,7 +84,7 @@ class MaskInversionModule(L.LightningModule):
         self.prompt_templates = list(prompt_templates or ["{}"])
         if any("{}" not in t for t in self.prompt_templates):
             raise ValueError(f"every prompt template needs a '{{}}' placeholder, got {self.prompt_templates}")
-        self._text_cache: tuple[torch.device, torch.Tensor] | None = None
+        self.text_cache = TextEmbeddingCache(self.prompt_templates)
         self._settings_sha256: str | None = None
         self.skip_sample: Callable[[dict[str, Any]], bool] | None = None
         self.test_metrics = MetricCollection(
@@ -101,10 +101,7 @@ class MaskInversionModule(L.LightningModule):
         """``[P, D]`` normalised prompt embeddings (template-averaged), cached per device; None without prompts."""
         if not self.prompts:
             return None
-        if self._text_cache is None or self._text_cache[0] != self.device:
-            embeddings = encode_prompts(self.backbone, self.prompts, self.prompt_templates, device=self.device)
-            self._text_cache = (self.device, embeddings)
-        return self._text_cache[1]
+        return self.text_cache(self.backbone, self.prompts, self.device)
 
     def settings_fingerprint(self) -> str:
         """SHA-256 of everything besides the inputs that determines the outputs: hyper-parameters, backbone, weights.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,8 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..backbones.base import Backbone
 from ..io import save_json
 from ..metrics import RegionAccuracy
-from ..regions import GlobalEmbedding, MaskInversionEmbedding, RegionEmbedder
-from ..text import DEFAULT_TEMPLATES, encode_prompts
+from ..regions import RegionEmbedder
+from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
+from .base import RegionMethodsModule
 from .mask_inversion import require_grad_mode
 
 __all__ = ["RegionClassificationModule", "comparison_table"]
@@ -31,7 +31,7 @@ def comparison_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class RegionClassificationModule(L.LightningModule):
+class RegionClassificationModule(RegionMethodsModule):
     """Classify each region (mask) by the cosine of its embedding with class prompt embeddings, per method.
 
     Batches come from the shared region data modules (``collate_regions_batch``): ``image`` ``[B, 3, S, S]``,
@@ -56,28 +56,13 @@ class RegionClassificationModule(L.LightningModule):
         templates: list[str] | None = None,
         results_path: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone, methods)
         self.save_hyperparameters(ignore=["backbone", "methods"])
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.methods = list(methods) if methods else [GlobalEmbedding(), MaskInversionEmbedding()]
-        # methods that own a model (e.g. an Alpha-CLIP backbone) are registered to follow devices, frozen
-        self.method_models = torch.nn.ModuleList(
-            [m.requires_grad_(False).eval() for m in self.methods if isinstance(m, torch.nn.Module)]
-        )
-        names = [m.name for m in self.methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"method names must be unique, got {names}")
         self.class_names = list(class_names) if class_names else None
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.metrics: torch.nn.ModuleDict | None = None
         self.results: dict[str, dict[str, float]] = {}
-        self._text: torch.Tensor | None = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()
-        self.method_models.eval()
-        return self
+        self.text_cache = TextEmbeddingCache(self.templates)
 
     def setup(self, stage: str) -> None:
         if self.class_names is None:
@@ -90,9 +75,7 @@ class RegionClassificationModule(L.LightningModule):
         )
 
     def text_embeddings(self) -> torch.Tensor:
-        if self._text is None or self._text.device != self.device:
-            self._text = encode_prompts(self.backbone, self.class_names, self.templates, device=self.device)
-        return self._text
+        return self.text_cache(self.backbone, self.class_names, self.device)
 
     def region_logits(self, method: RegionEmbedder, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` scaled cosine logits of the regions ``masks`` of ``image`` for one method."""
@@ -120,6 +103,3 @@ class RegionClassificationModule(L.LightningModule):
         rank_zero_info("\nRegion classification (%):\n" + comparison_table(self.results))
         if self.hparams.results_path and self.trainer.is_global_zero:
             save_json({"class_names": self.class_names, "results": self.results}, self.hparams.results_path)
-
-    def configure_optimizers(self):
-        return None

@@ -1,0 +1,31 @@
+"""MaskInversion as an explainer of region masks: the final LeGrad maps of the optimised tokens.
+
+Unlike the text-driven explainers it explains a *mask*, not a target embedding: ``maps(backbone, image [1, 3, S, S],
+masks [N, S, S]) -> [N, S, S]``. The localization evaluation (:class:`~regionembed.modules.LocalizationModule`)
+scores these maps next to the explainers', as an upper reference (they are fitted to the masks they explain).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backbones.base import Backbone
+from ..inversion import MaskInversion
+from ..regions import MaskInversionEmbedding
+
+__all__ = ["MaskInversionMaps"]
+
+
+class MaskInversionMaps(MaskInversionEmbedding):
+    """MaskInversion's final explainability maps of each region's optimised token.
+
+    ``maps(backbone, image [1, 3, S, S], masks [N, S, S]) -> [N, S, S]``; ``name`` is ``"mask_inversion"``.
+
+    Args: those of :class:`~regionembed.regions.MaskInversionEmbedding` (the solver's, official defaults).
+    """
+
+    def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return MaskInversion(backbone, **self.config)(image, masks).maps
+
+    def __repr__(self) -> str:
+        return f"MaskInversionMaps({self.config})"

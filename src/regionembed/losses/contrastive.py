@@ -1,0 +1,78 @@
+"""Contrastive losses (plain torch; no Lightning): CLIP's, Alpha-CLIP's masked variant, composed retrieval's InfoNCE.
+
+The gathering across ranks is open_clip's (``open_clip.loss.gather_features``, ``ClipLoss``), reached only from here
+so that the LightningModules never import open_clip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.nn  # all_gather with gradients
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, gather_features
+
+from ..distributed import world
+
+__all__ = ["ClipLoss", "composed_info_nce", "gather_features", "masked_contrastive_loss"]
+
+
+def masked_contrastive_loss(
+    logits: torch.Tensor, text_ids: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Symmetric InfoNCE over ``logits`` ``[N, N]`` (pair ``i`` is the positive of row/column ``i``).
+
+    With ``text_ids`` ``[N]``, an off-diagonal pair whose texts are identical (two regions both called "a red
+    circle") is a false negative and is left out of the softmax. Label smoothing spreads ``label_smoothing`` of
+    the target mass uniformly over the entries kept; without duplicates this equals
+    ``F.cross_entropy(..., label_smoothing=...)``.
+
+    Args:
+        logits: ``[N, N]`` scaled image-text similarities.
+        text_ids: ``[N]`` integer ids of the texts (equal ids: identical texts), or ``None``.
+        label_smoothing: in ``[0, 1)``.
+
+    Returns:
+        The mean of the image->text and text->image cross-entropies (a scalar).
+    """
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    valid = torch.ones_like(eye) if text_ids is None else (text_ids[:, None] != text_ids[None, :]) | eye
+
+    def one_side(lg: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(lg.masked_fill(~valid, float("-inf")), dim=1)
+        nll = -logp.diagonal()
+        if not label_smoothing:
+            return nll.mean()
+        uniform = -(logp.masked_fill(~valid, 0.0)).sum(1) / valid.sum(1)
+        return ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()
+
+    return (one_side(logits) + one_side(logits.T)) / 2
+
+
+def composed_info_nce(query: torch.Tensor, target: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """InfoNCE of each query against the targets of the whole batch, gathered across ranks with gradients.
+
+    As open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, one direction (query -> target, as
+    CLIP4Cir): rank ``r`` scores its ``B`` queries against all ``W * B`` targets; DDP's gradient averaging then
+    gives exactly the gradient of the loss on the concatenated batch (equal ``B`` on every rank, as the training
+    sampler guarantees).
+
+    Args:
+        query: ``[B, D]`` unit-norm queries of this rank.
+        target: ``[B, D]`` unit-norm targets of this rank (row ``i`` is query ``i``'s positive).
+        logit_scale: multiplier of the cosines (``exp`` of CLIP's learnt log-scale).
+
+    Returns:
+        The mean cross-entropy over this rank's queries.
+    """
+    if query.shape != target.shape or query.ndim != 2:
+        raise ValueError(f"query {tuple(query.shape)} and target {tuple(target.shape)} must both be [B, D]")
+    world_size, rank = world()
+    all_targets = target
+    offset = 0
+    if world_size > 1:
+        all_targets = torch.cat(torch.distributed.nn.all_gather(target), dim=0)
+        offset = rank * query.shape[0]
+    logits = logit_scale * query @ all_targets.T
+    labels = torch.arange(query.shape[0], device=query.device) + offset
+    return F.cross_entropy(logits, labels)
