@@ -1,0 +1,236 @@
+"""The browser demo driven as a person would: headless Chromium through selenium, against a real server process.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them with apt). Without them the test is
+skipped with the reason, unless ``REGIONEMBED_REQUIRE_BROWSER=1`` (set by CI once it installed them): then it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def _browser() -> tuple[str, str]:
+    browser = next((p for p in map(shutil.which, BROWSERS) if p), None)
+    driver = shutil.which("chromedriver")
+    if browser and driver:
+        return browser, driver
+    reason = (
+        "BROWSER TEST SKIPPED: no chromium/chromedriver on PATH; install them with "
+        "`apt-get install -y chromium chromium-driver` (what .ci/run does)"
+    )
+    if os.environ.get("REGIONEMBED_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    """``python -m regionembed.demo --model tiny`` on a free loopback port, its files under a tmp folder."""
+    _browser()
+    out = tmp_path_factory.mktemp("demo_out")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    env.pop("GRADIO_TEMP_DIR", None)
+    log = open(out.parent / "demo_server.log", "w")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "regionembed.demo", "--model", "tiny", "--port", str(port), "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.close()
+            pytest.fail(f"the demo did not start: {(out.parent / 'demo_server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, out
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def driver():
+    browser, chromedriver = _browser()
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium manager must not phone home
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,2400"):
+        options.add_argument(arg)
+    drv = webdriver.Chrome(options=options, service=Service(chromedriver))  # explicit driver: no download attempt
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+
+
+def _scene(tmp_path: Path) -> tuple[Path, dict[str, Path], Image.Image]:
+    from regionembed.demo.core import synthetic_scene
+
+    image, masks, names = synthetic_scene(0)
+    image_path = tmp_path / "scene.png"
+    image.save(image_path)
+    paths = {}
+    for mask, name in zip(masks, names, strict=True):
+        paths[name] = tmp_path / f"{name.replace(' ', '_')}.png"
+        Image.fromarray(mask * 255).save(paths[name])
+    return image_path, paths, image
+
+
+def _status(drv, contains: str, timeout: float = 90) -> str:
+    WebDriverWait(drv, timeout).until(lambda d: contains in d.find_element(By.ID, "status").text)
+    return drv.find_element(By.ID, "status").text
+
+
+def _upload(drv, elem_id: str, *paths: Path) -> None:
+    drv.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys("\n".join(map(str, paths)))
+
+
+def _type(drv, elem_id: str, text: str) -> None:
+    box = drv.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea")
+    box.clear()
+    box.send_keys(text)
+
+
+def _table(drv, elem_id: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows of a Dataframe as shown (Gradio renders its rows as ARIA grid rows)."""
+    header = [c.get_attribute("title") for c in drv.find_elements(By.CSS_SELECTOR, f"#{elem_id} th[role=columnheader]")]
+    rows = drv.find_elements(By.CSS_SELECTOR, f"#{elem_id} div[role=row]")
+    body = [[c.text.strip() for c in r.find_elements(By.CSS_SELECTOR, "div[role=gridcell]")] for r in rows]
+    return header, [r for r in body if any(r)]
+
+
+def _paint(drv, image: Image.Image, centre: tuple[float, float]) -> None:
+    """Drag the brush around ``centre`` (image pixels) on the editor's canvas."""
+    drv.find_element(By.CSS_SELECTOR, "#editor button[aria-label='Brush']").click()
+    canvas = drv.find_elements(By.CSS_SELECTOR, "#editor canvas")[-1]
+    # the editor shows the image centred in the canvas at the zoom it prints (e.g. "186%")
+    zoom = float(drv.find_element(By.ID, "editor").text.split("%")[0].split()[-1]) / 100
+    dx = (centre[0] - image.width / 2) * zoom
+    dy = (centre[1] - image.height / 2) * zoom
+    chain = ActionChains(drv).move_to_element_with_offset(canvas, int(dx), int(dy)).click_and_hold()
+    for step in range(8):
+        chain = chain.move_by_offset(3 if step % 2 else -3, 2)
+    chain.release().perform()
+
+
+def test_demo_in_a_browser(demo_url, driver, tmp_path):
+    url, out = demo_url
+    image_path, masks, image = _scene(tmp_path)
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "run"))
+
+    # bad input 1: a file that is not an image, shown in the page with the CLI's message
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    _upload(driver, "image_file", junk)
+    assert "cannot read image" in _status(driver, "Error")
+    assert "notes.png" in driver.find_element(By.ID, "status").text
+
+    _upload(driver, "image_file", image_path)
+    _status(driver, "loaded (192x192)")
+    driver.find_element(By.CSS_SELECTOR, "#image_file button[aria-label='Clear']").click()
+
+    # a region painted with the brush on the yellow circle, one uploaded mask, one box
+    yellow = np.argwhere(np.asarray(Image.open(masks["yellow circle"])) > 0).mean(0)  # (row, col)
+    _paint(driver, image, (float(yellow[1]), float(yellow[0])))
+
+    # bad input 2: a mask of another size, refused like the CLI refuses it; the page keeps working afterwards
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((40, 50), 255, np.uint8)).save(small)
+    _upload(driver, "mask_files", small)
+    _type(driver, "prompts", "yellow circle\nblue circle\ngreen star")
+    time.sleep(1)
+    driver.find_element(By.ID, "run").click()
+    error = _status(driver, "Error")
+    assert "is 50x40 but its image is 192x192" in error, error
+
+    driver.find_element(By.CSS_SELECTOR, "#mask_files button[aria-label='Clear']").click()
+    _upload(driver, "mask_files", masks["blue circle"])
+    _type(driver, "boxes", "5 150 40 185")
+    time.sleep(1)
+    driver.find_element(By.ID, "run").click()
+    done = _status(driver, "Done")
+    assert "Random weights" in done  # the tiny model is labelled as random
+    driver.save_screenshot(str(tmp_path / "demo_done.png"))
+
+    header, body = _table(driver, "probabilities")
+    assert header[:2] == ["region", "best prompt"]
+    assert header[2:] == ["yellow circle", "blue circle", "green star"]
+    assert [r[0] for r in body] == ["brush_1", "blue_circle", "box_1"]
+    for row in body:
+        probs = [float(v) for v in row[2:]]
+        assert abs(sum(probs) - 1) < 2e-3, row
+        assert row[1] == header[2 + int(np.argmax(probs))]
+
+    # the overlay of the painted region: the image under a heat map, the mask outlined in white
+    src = driver.find_elements(By.CSS_SELECTOR, "#overlays img")[0].get_attribute("src")
+    with urllib.request.urlopen(src, timeout=10) as resp:
+        overlay = np.asarray(Image.open(io.BytesIO(resp.read())).convert("RGB"))
+    assert overlay.shape == (192, 192, 3)
+    assert overlay.std() > 10
+    white = (overlay == 255).all(-1)
+    assert 0 < white.mean() < 0.2  # the outline: some pixels, not the whole image
+
+    _, methods = _table(driver, "methods_table")
+    assert {"global", "crop", "mask_inversion"} <= {r[1] for r in methods}
+    assert "infer.py single" in driver.find_element(By.ID, "command").text
+    # the embeddings download: the CLI's safetensors format, one row per region in the table's order
+    link = next(
+        a.get_attribute("href")
+        for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")
+        if "embeddings" in (a.get_attribute("href") or "")
+    )
+    with urllib.request.urlopen(link, timeout=10) as resp:
+        (tmp_path / "downloaded.safetensors").write_bytes(resp.read())
+    with safe_open(tmp_path / "downloaded.safetensors", "pt") as fh:
+        assert json.loads(fh.metadata()["mask_names"]) == ["brush_1", "blue_circle", "box_1"]
+        assert fh.get_tensor("embeddings").shape[0] == 3
+        assert tuple(fh.get_tensor("maps").shape) == (3, 192, 192)
+
+    # everything the server wrote is inside its output folder
+    runs = sorted(out.glob("run-*/outputs/image/manifest.json"))
+    assert runs, list(out.iterdir())
+    painted = np.asarray(Image.open(runs[-1].parents[2] / "inputs" / "masks" / "brush_1.png"))
+    assert painted.shape == (192, 192) and painted.max() == 255
+    cy, cx = np.argwhere(painted > 0).mean(0)
+    assert abs(cy - yellow[0]) < 15 and abs(cx - yellow[1]) < 15  # the stroke landed where it was drawn
