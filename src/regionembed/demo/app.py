@@ -17,12 +17,12 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry, no checks
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402  (a gradio dependency)
+import gradio as gr
+import pandas as pd
 
-from ..data.synthetic import SyntheticWorld, WorldConfig  # noqa: E402
-from ..io import load_image, save_png  # noqa: E402
-from . import core  # noqa: E402
+from ..data.synthetic import SyntheticWorld, WorldConfig
+from ..io import load_image, save_png
+from . import core
 
 __all__ = ["DemoState", "build_app", "launch", "model_spec"]
 
@@ -91,7 +91,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         size = backbone.preprocess.size
         note = " **Random weights: maps and probabilities are meaningless.**" if spec.random else ""
         alpha_note = " Alpha channel: yes (alpha region methods available)." if backbone.alpha_embed is not None else ""
-        return f"Model loaded: `{spec.label()}`, input {size}x{size}.{alpha_note}{note}"
+        return f"Model loaded: {spec.label()}, input {size}x{size}.{alpha_note}{note}"
 
     def open_image(path):
         if not path:
@@ -122,8 +122,22 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         return editor, files, prompts, "a {}.", index + 1, status
 
     def run_ui(
-        kind, name, weights, alpha, editor, mask_files, boxes, prompts, templates, iterations, lr, strategy, layers,
-        explainer, methods, progress=gr.Progress(),  # noqa: B008 - Gradio's way to request a progress tracker
+        kind,
+        name,
+        weights,
+        alpha,
+        editor,
+        mask_files,
+        boxes,
+        prompts,
+        templates,
+        iterations,
+        lr,
+        strategy,
+        layers,
+        explainer,
+        methods,
+        progress=gr.Progress(),  # noqa: B008 - Gradio's way to request a progress tracker
     ):
         empty = (None, None, None, None, None, None, None, "")
         try:
@@ -170,9 +184,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                             placeholder="/weights/vit_b16.safetensors or openai",
                             elem_id="model_weights",
                         )
-                        alpha = gr.Textbox(
-                            label="Alpha-CLIP visual checkpoint (optional)", elem_id="model_alpha"
-                        )
+                        alpha = gr.Textbox(label="Alpha-CLIP visual checkpoint (optional)", elem_id="model_alpha")
                     load = gr.Button("Load model", elem_id="load_model")
                     model_info = gr.Markdown(elem_id="model_info")
                 with gr.Row():
@@ -196,61 +208,89 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                     file_count="multiple",
                     elem_id="mask_files",
                 )
-                boxes = gr.Textbox(
-                    label="Boxes, one region per line: x0 y0 x1 y1 (pixels)", lines=2, elem_id="boxes"
-                )
+                boxes = gr.Textbox(label="Boxes, one region per line: x0 y0 x1 y1 (pixels)", lines=2, elem_id="boxes")
                 with gr.Row():
                     prompts = gr.Textbox(label="Prompts, one per line", lines=4, elem_id="prompts")
                     templates = gr.Textbox(
-                        label="Templates, one per line ('{}' = the prompt; averaged)", value="{}", lines=4,
+                        label="Templates, one per line ('{}' = the prompt; averaged)",
+                        value="{}",
+                        lines=4,
                         elem_id="templates",
                     )
-                with gr.Accordion("MaskInversion and views", open=False):
-                    with gr.Row():
-                        iterations = gr.Slider(0, 100, value=10, step=1, label="iterations", elem_id="iterations")
-                        lr = gr.Number(value=0.5, label="learning rate", elem_id="lr")
-                        strategy = gr.Dropdown(list(STRATEGIES), value="auto", label="strategy", elem_id="strategy")
-                        layers = gr.Textbox(value="-1", label="LeGrad layers (comma-separated)", elem_id="layers")
-                    explainer = gr.Dropdown(
-                        [*core.EXPLAINERS, "none"], value="LeGrad", label="explainer for the prompt maps",
-                        elem_id="explainer",
-                    )
-                    methods = gr.CheckboxGroup(
-                        list(core.METHODS),
-                        value=["global", "crop", "masked_crop_grey", "red_circle", "mask_inversion", "alpha_mask"],
-                        label="region methods side by side (alpha_*: only models with an alpha channel)",
-                        elem_id="methods",
-                    )
+                explainer = gr.Radio(
+                    [*core.EXPLAINERS, "none"],
+                    value="LeGrad",
+                    label="Explainer for the prompt maps",
+                    elem_id="explainer",
+                )
+                methods = gr.CheckboxGroup(
+                    list(core.METHODS),
+                    value=["global", "crop", "masked_crop_grey", "red_circle", "mask_inversion", "alpha_mask"],
+                    label="Region methods side by side (alpha_*: only for models with an alpha channel)",
+                    elem_id="methods",
+                )
+                with gr.Accordion("MaskInversion settings", open=False), gr.Row():
+                    iterations = gr.Slider(0, 100, value=10, step=1, label="iterations", elem_id="iterations")
+                    lr = gr.Number(value=0.5, label="learning rate", elem_id="lr")
+                    strategy = gr.Dropdown(list(STRATEGIES), value="auto", label="strategy", elem_id="strategy")
+                    layers = gr.Textbox(value="-1", label="LeGrad layers (comma-separated)", elem_id="layers")
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=6):
                 status = gr.Markdown("Load an image or press **New synthetic scene**.", elem_id="status")
                 table = gr.Dataframe(
-                    label="Region-to-prompt probabilities (MaskInversion)", interactive=False, wrap=True,
+                    label="Region-to-prompt probabilities (MaskInversion)",
+                    interactive=False,
+                    wrap=True,
                     elem_id="probabilities",
                 )
                 overlays = gr.Gallery(
-                    label="MaskInversion maps per region (mask outlined in white)", columns=3, height=260,
+                    label="MaskInversion maps per region (mask outlined in white)",
+                    columns=3,
+                    height=260,
                     elem_id="overlays",
                 )
                 loss = gr.LinePlot(x="step", y="loss", title="loss (mean Dice + regulariser)", elem_id="loss")
                 maps = gr.Gallery(
-                    label="Prompt maps (green: the map's box; VL-Score says present / not present)", columns=3,
-                    height=260, elem_id="explainer_maps",
+                    label="Prompt maps (green: the map's box; VL-Score says present / not present)",
+                    columns=3,
+                    height=260,
+                    elem_id="explainer_maps",
                 )
                 compare = gr.Dataframe(
                     label="Region methods side by side", interactive=False, wrap=True, elem_id="methods_table"
                 )
                 downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
-                command = gr.Code(label="Equivalent command (from the repository root)", language="shell",
-                                  wrap_lines=True, elem_id="command")
+                command = gr.Code(
+                    label="Equivalent command (from the repository root)",
+                    language="shell",
+                    wrap_lines=True,
+                    elem_id="command",
+                )
 
         load.click(load_model_ui, [kind, name, weights, alpha], model_info)
+        kind.change(load_model_ui, [kind, name, weights, alpha], model_info)
+        app.load(load_model_ui, [kind, name, weights, alpha], model_info)  # cached after the first page load
         image_file.upload(open_image, image_file, [editor, status, image_file])
         scene.click(new_scene, scene_index, [editor, mask_files, prompts, templates, scene_index, status])
         run.click(
             run_ui,
-            [kind, name, weights, alpha, editor, mask_files, boxes, prompts, templates, iterations, lr, strategy,
-             layers, explainer, methods],
+            [
+                kind,
+                name,
+                weights,
+                alpha,
+                editor,
+                mask_files,
+                boxes,
+                prompts,
+                templates,
+                iterations,
+                lr,
+                strategy,
+                layers,
+                explainer,
+                methods,
+            ],
             [status, table, overlays, loss, maps, compare, downloads, command],
             concurrency_limit=1,  # one model, one run at a time; other requests keep being served
         )
@@ -285,7 +325,7 @@ def _present(spec: core.ModelSpec, settings: core.RunSettings, result: core.RunR
     status = (
         f"**Done** in {result.seconds:.1f} s: {len(regions)} regions, strategy `{result.strategy}`, "
         f"{settings.iterations} iterations, loss {result.loss_history[0]:.3f} -> {result.loss_history[-1]:.3f}. "
-        f"Model `{spec.label()}`.{warning}"
+        f"Model: {spec.label()}.{warning}"
     )
     files = [str(p) for p in (result.embeddings, result.manifest, result.archive) if p is not None]
     return (
@@ -300,9 +340,7 @@ def _present(spec: core.ModelSpec, settings: core.RunSettings, result: core.RunR
     )
 
 
-def launch(
-    app: gr.Blocks, state: DemoState, host: str = "127.0.0.1", port: int = 7860, block: bool = True
-) -> None:
+def launch(app: gr.Blocks, state: DemoState, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:
     """Serve ``app`` on a loopback address with the queue on; ``block=False`` returns once the server is up."""
     if host not in LOOPBACK:
         raise ValueError(f"the demo binds to a loopback address only ({', '.join(LOOPBACK)}), got --host {host}")

@@ -105,7 +105,7 @@ class ModelSpec:
         return not self.pretrained
 
     def label(self) -> str:
-        weights = "RANDOM weights (maps and probabilities are meaningless)" if self.random else self.pretrained
+        weights = "random weights" if self.random else self.pretrained
         alpha = f", Alpha-CLIP visual {self.alpha_checkpoint}" if self.alpha_checkpoint else ""
         return f"{self.model_name} with {weights}{alpha}"
 
@@ -322,8 +322,14 @@ def _draw_boxes(overlay: np.ndarray, boxes: torch.Tensor, scale: tuple[float, fl
 
 
 def explainer_maps(
-    backbone: Backbone, image: Image.Image, tensor: torch.Tensor, text: torch.Tensor, prompts: Sequence[str],
-    name: str, layers: Sequence[int], out_dir: Path,
+    backbone: Backbone,
+    image: Image.Image,
+    tensor: torch.Tensor,
+    text: torch.Tensor,
+    prompts: Sequence[str],
+    name: str,
+    layers: Sequence[int],
+    out_dir: Path,
 ) -> list[tuple[Path, str]]:
     """Text-conditioned maps of ``prompts`` (``text`` ``[P, D]``) on the preprocessed ``tensor`` ``[3, S, S]``,
     saved as overlays with the box of each map (threshold 0.6 of the map's maximum, largest component); VL-Score
@@ -383,7 +389,9 @@ def compare_methods(
         for method, emb in embeddings.items():
             probs = (scale * F.normalize(emb[i : i + 1], dim=-1) @ text.T).softmax(-1)[0].detach().cpu()
             best = int(probs.argmax())
-            rows.append([region, method, prompts[best], round(float(probs[best]), 4), *(round(float(p), 4) for p in probs)])
+            rows.append(
+                [region, method, prompts[best], round(float(probs[best]), 4), *(round(float(p), 4) for p in probs)]
+            )
     return rows
 
 
@@ -483,12 +491,24 @@ def run(
             if progress is not None:
                 progress(settings.iterations, settings.iterations, f"{settings.explainer} maps")
             maps = explainer_maps(
-                backbone, pil, sample["image"], text, settings.prompts, settings.explainer, settings.layers,
+                backbone,
+                pil,
+                sample["image"],
+                text,
+                settings.prompts,
+                settings.explainer,
+                settings.layers,
                 out_dir / "explainer",
             )
         if settings.methods:
             table = compare_methods(
-                backbone, sample["image"], sample["masks"], names, text, settings.prompts, settings.methods,
+                backbone,
+                sample["image"],
+                sample["masks"],
+                names,
+                text,
+                settings.prompts,
+                settings.methods,
                 result["embeddings"],
             )
     command = command_line(spec, image_path, mask_paths, settings, run_dir / "cli")
