@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -73,6 +74,7 @@ def main() -> None:
         time.sleep(2)  # let images and the plot paint
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(args.out)
+        Image.open(args.out).convert("RGB").quantize(256).save(args.out, optimize=True)  # a smaller file for git
         print(driver.find_element(By.ID, "status").text)
         print(f"saved {args.out}")
     finally:

@@ -65,7 +65,8 @@ def demo_url(tmp_path_factory):
     env.pop("GRADIO_TEMP_DIR", None)
     log = open(out.parent / "demo_server.log", "w")  # noqa: SIM115 - closed below
     cmd = [sys.executable, "-m", "regionembed.demo", "--model", "tiny", "--port", str(port), "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cwd = tmp_path_factory.mktemp("demo_cwd")  # must stay empty: the demo writes only into --output
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -81,6 +82,7 @@ def demo_url(tmp_path_factory):
             pytest.fail(f"the demo did not start: {(out.parent / 'demo_server.log').read_text()[-3000:]}")
         time.sleep(0.5)
     yield url, out
+    assert not any(cwd.iterdir()), f"the demo wrote into its working directory: {list(cwd.iterdir())}"
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -227,7 +229,8 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
         assert fh.get_tensor("embeddings").shape[0] == 3
         assert tuple(fh.get_tensor("maps").shape) == (3, 192, 192)
 
-    # everything the server wrote is inside its output folder
+    # the server's files are in its output folder, Gradio's upload cache included
+    assert any((out / "gradio").rglob("scene.png"))
     runs = sorted(out.glob("run-*/outputs/image/manifest.json"))
     assert runs, list(out.iterdir())
     painted = np.asarray(Image.open(runs[-1].parents[2] / "inputs" / "masks" / "brush_1.png"))

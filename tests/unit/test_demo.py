@@ -165,7 +165,20 @@ def test_alpha_methods_only_with_an_alpha_channel(tiny_backbone):
     assert {r[1] for r in rows} == {"global", "mask_inversion"}
 
 
-def test_app_refuses_non_loopback_hosts(tmp_path):
+@pytest.fixture
+def gradio_in_tmp(tmp_path, monkeypatch):
+    """Gradio reads its temporary folder at import time in places (the demo's CLI sets it before importing); keep
+    all of it under tmp_path."""
+    pytest.importorskip("gradio")
+    import gradio.route_utils
+    import gradio.routes
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    for module in (gradio.routes, gradio.route_utils):
+        monkeypatch.setattr(module, "DEFAULT_TEMP_DIR", str(tmp_path / "gradio"))
+
+
+def test_app_refuses_non_loopback_hosts(tmp_path, gradio_in_tmp):
     pytest.importorskip("gradio")
     from regionembed.demo.app import TINY as TINY_CHOICE
     from regionembed.demo.app import DemoState, build_app, launch, model_spec
@@ -177,3 +190,39 @@ def test_app_refuses_non_loopback_hosts(tmp_path):
     assert model_spec(TINY_CHOICE) == TINY
     with pytest.raises(ValueError, match="enter a model name"):
         model_spec("open_clip model + local weights file or hub tag", "", "x.safetensors")
+
+
+def test_a_long_run_does_not_block_other_requests(tmp_path, monkeypatch, gradio_in_tmp):
+    """Runs go through the queue: while one is busy, other requests (here: loading a model) are answered."""
+    pytest.importorskip("gradio")
+    import socket
+    import time
+
+    from gradio_client import Client
+
+    from regionembed.demo import app as demo_app
+
+    def slow_spec(*args):  # a stand-in for long work: the run handler's first call
+        time.sleep(5)
+        raise ValueError("stand-in for a long run")
+
+    monkeypatch.setattr(demo_app, "model_spec", slow_spec)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    state = demo_app.DemoState(tmp_path / "out")
+    app = demo_app.build_app(state, demo_app.TINY)
+    demo_app.launch(app, state, port=port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "client"))
+        args = [demo_app.TINY, "", "", "", None, [], "", "a", "{}", 1, 0.5, "auto", "-1", "LeGrad", []]
+        start = time.monotonic()
+        job = client.submit(*args, api_name="/run_ui")
+        time.sleep(0.5)
+        client.predict(2, api_name="/new_scene")  # another request while the run is busy
+        answered = time.monotonic() - start
+        assert not job.done() and answered < 4, answered
+        assert "stand-in for a long run" in job.result()[0]  # the run's error, shown in the page's status
+        assert time.monotonic() - start >= 5
+    finally:
+        app.close()

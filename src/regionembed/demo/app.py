@@ -87,7 +87,8 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
             spec = model_spec(kind, name, weights, alpha)
             backbone = core.load_model(spec, state.device)
         except Exception as err:  # shown in the page; the server keeps serving
-            return _error(err)
+            hint = " Meanwhile, choose the tiny random model or an open_clip model." if kind == SYNTHETIC else ""
+            return _error(err) + hint
         size = backbone.preprocess.size
         note = " **Random weights: maps and probabilities are meaningless.**" if spec.random else ""
         alpha_note = " Alpha channel: yes (alpha region methods available)." if backbone.alpha_embed is not None else ""
@@ -139,7 +140,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         methods,
         progress=gr.Progress(),  # noqa: B008 - Gradio's way to request a progress tracker
     ):
-        empty = (None, None, None, None, None, None, None, "")
+        empty = (None, None, None, None, None, None, "")  # table, overlays, loss, maps, methods, files, command
         try:
             spec = model_spec(kind, name, weights, alpha)
             if not editor or editor.get("background") is None:
