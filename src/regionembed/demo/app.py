@@ -112,7 +112,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         files = []
         taken: set[str] = set()
         for mask, name in zip(masks, names, strict=True):
-            path = folder / f"{core._unique(name.replace(' ', '_'), taken)}.png"
+            path = folder / f"{core.unique_name(name.replace(' ', '_'), taken)}.png"
             save_png(mask.astype("uint8") * 255, path)
             files.append(str(path))
         classes = SyntheticWorld(WorldConfig()).class_names

@@ -55,6 +55,7 @@ __all__ = [
     "parse_lines",
     "run",
     "synthetic_scene",
+    "unique_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ def synthetic_scene(index: int, image_size: int = 192, seed: int = 12345) -> tup
     return Image.fromarray(scene.image), list(scene.masks()), scene.names
 
 
-def _unique(name: str, taken: set[str]) -> str:
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name`` made file-safe and distinct from ``taken`` (``name_2``, ``name_3``, ...); added to ``taken``."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "region"
     out, k = name, 2
     while out in taken:
@@ -236,16 +238,16 @@ def write_inputs(
         if mask.shape[::-1] != image.size:
             mask = np.asarray(Image.fromarray(mask, mode="F").resize(image.size, Image.NEAREST))
         k += 1
-        path = inputs / "masks" / f"{_unique(f'brush_{k}', taken)}.png"
+        path = inputs / "masks" / f"{unique_name(f'brush_{k}', taken)}.png"
         save_png(_mask_png(mask), path)
         paths.append(path)
     for src in mask_files:
         src = Path(src)
-        path = inputs / "masks" / f"{_unique(src.stem, taken)}{src.suffix.lower() or '.png'}"
+        path = inputs / "masks" / f"{unique_name(src.stem, taken)}{src.suffix.lower() or '.png'}"
         shutil.copyfile(src, path)
         paths.append(path)
     for k, mask in enumerate(parse_boxes(boxes, image.size), start=1):
-        path = inputs / "masks" / f"{_unique(f'box_{k}', taken)}.png"
+        path = inputs / "masks" / f"{unique_name(f'box_{k}', taken)}.png"
         save_png(_mask_png(mask), path)
         paths.append(path)
     if not paths:
@@ -350,7 +352,7 @@ def explainer_maps(
                 caption += " (present)"
         else:
             caption += " (not present)"
-        path = out_dir / f"{i:02d}_{_unique(prompt, set())}.png"
+        path = out_dir / f"{i:02d}_{unique_name(prompt, set())}.png"
         save_png(overlay, path)
         out.append((path, caption))
     return out
