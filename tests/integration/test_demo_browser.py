@@ -128,7 +128,7 @@ def _upload(drv, elem_id: str, *paths: Path) -> None:
 
 
 def _type(drv, elem_id: str, text: str) -> None:
-    box = drv.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea")
+    box = drv.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input")
     box.clear()
     box.send_keys(text)
 
@@ -155,6 +155,28 @@ def _paint(drv, image: Image.Image, centre: tuple[float, float]) -> None:
     chain.release().perform()
 
 
+def _preview_src(drv) -> str | None:
+    return drv.find_element(By.CSS_SELECTOR, "#box_picker img").get_attribute("src")
+
+
+def _click_box(drv, first: tuple[int, int], second: tuple[int, int]) -> None:
+    """Click two corners (image pixels) on the box preview."""
+    WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#box_picker img"))
+    img = drv.find_element(By.CSS_SELECTOR, "#box_picker img")
+    natural = drv.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
+    rect = img.rect
+    for x, y in (first, second):
+        # Gradio shows the image centred, never enlarged: scale min(box / natural, 1)
+        scale = min(rect["width"] / natural[0], rect["height"] / natural[1], 1)
+        dx = (x + 0.5 - natural[0] / 2) * scale
+        dy = (y + 0.5 - natural[1] / 2) * scale
+        src = img.get_attribute("src")
+        ActionChains(drv).move_to_element_with_offset(img, round(dx), round(dy)).click().perform()
+        # each click comes back as a new preview (corner marked, then the box drawn)
+        WebDriverWait(drv, 30).until(lambda d, old=src: _preview_src(d) != old)
+        img = drv.find_element(By.CSS_SELECTOR, "#box_picker img")
+
+
 def test_demo_in_a_browser(demo_url, driver, tmp_path):
     url, out = demo_url
     image_path, masks, image = _scene(tmp_path)
@@ -168,15 +190,29 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
     assert "cannot read image" in _status(driver, "Error")
     assert "notes.png" in driver.find_element(By.ID, "status").text
 
+    # bad input 2: a weights file that does not exist, refused when the model loads
+    driver.find_element(By.XPATH, "//*[@id='model_kind']//label[contains(., 'open_clip model')]").click()
+    _type(driver, "model_name", "re-tiny-vit")
+    _type(driver, "model_weights", str(tmp_path / "missing.safetensors"))
+    driver.find_element(By.ID, "load_model").click()
+    WebDriverWait(driver, 60).until(lambda d: "not found" in d.find_element(By.ID, "model_info").text)
+    assert "missing.safetensors" in driver.find_element(By.ID, "model_info").text
+    driver.find_element(By.XPATH, "//*[@id='model_kind']//label[contains(., 'Tiny random')]").click()
+    WebDriverWait(driver, 60).until(lambda d: "Random weights" in d.find_element(By.ID, "model_info").text)
+
     _upload(driver, "image_file", image_path)
     _status(driver, "loaded (192x192)")
     driver.find_element(By.CSS_SELECTOR, "#image_file button[aria-label='Clear']").click()
 
-    # a region painted with the brush on the yellow circle, one uploaded mask, one box
+    # two regions painted with the brush, one layer each (yellow circle, purple cross), one uploaded mask, one box
     yellow = np.argwhere(np.asarray(Image.open(masks["yellow circle"])) > 0).mean(0)  # (row, col)
+    cross = np.argwhere(np.asarray(Image.open(masks["purple cross"])) > 0).mean(0)
     _paint(driver, image, (float(yellow[1]), float(yellow[0])))
+    driver.find_element(By.CSS_SELECTOR, "#editor button[aria-label='Show Layers']").click()
+    driver.find_element(By.CSS_SELECTOR, "#editor button[aria-label='Add Layer']").click()
+    _paint(driver, image, (float(cross[1]), float(cross[0])))
 
-    # bad input 2: a mask of another size, refused like the CLI refuses it; the page keeps working afterwards
+    # bad input 3: a mask of another size, refused like the CLI refuses it; the page keeps working afterwards
     small = tmp_path / "small.png"
     Image.fromarray(np.full((40, 50), 255, np.uint8)).save(small)
     _upload(driver, "mask_files", small)
@@ -188,7 +224,10 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
 
     driver.find_element(By.CSS_SELECTOR, "#mask_files button[aria-label='Clear']").click()
     _upload(driver, "mask_files", masks["blue circle"])
-    _type(driver, "boxes", "5 150 40 185")
+    _click_box(driver, (8, 150), (40, 182))  # on the preview, as a person draws a box
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, "#boxes textarea").get_attribute("value"))
+    box = [int(v) for v in driver.find_element(By.CSS_SELECTOR, "#boxes textarea").get_attribute("value").split()]
+    assert np.abs(np.subtract(box, [8, 150, 41, 183])).max() <= 1, box
     time.sleep(1)
     driver.find_element(By.ID, "run").click()
     done = _status(driver, "Done")
@@ -198,7 +237,7 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
     header, body = _table(driver, "probabilities")
     assert header[:2] == ["region", "best prompt"]
     assert header[2:] == ["yellow circle", "blue circle", "green star"]
-    assert [r[0] for r in body] == ["brush_1", "blue_circle", "box_1"]
+    assert [r[0] for r in body] == ["brush_1", "brush_2", "blue_circle", "box_1"]
     for row in body:
         probs = [float(v) for v in row[2:]]
         assert abs(sum(probs) - 1) < 2e-3, row
@@ -225,15 +264,15 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
     with urllib.request.urlopen(link, timeout=10) as resp:
         (tmp_path / "downloaded.safetensors").write_bytes(resp.read())
     with safe_open(tmp_path / "downloaded.safetensors", "pt") as fh:
-        assert json.loads(fh.metadata()["mask_names"]) == ["brush_1", "blue_circle", "box_1"]
-        assert fh.get_tensor("embeddings").shape[0] == 3
-        assert tuple(fh.get_tensor("maps").shape) == (3, 192, 192)
+        assert json.loads(fh.metadata()["mask_names"]) == ["brush_1", "brush_2", "blue_circle", "box_1"]
+        assert fh.get_tensor("embeddings").shape[0] == 4
+        assert tuple(fh.get_tensor("maps").shape) == (4, 192, 192)
 
     # the server's files are in its output folder, Gradio's upload cache included
     assert any((out / "gradio").rglob("scene.png"))
     runs = sorted(out.glob("run-*/outputs/image/manifest.json"))
     assert runs, list(out.iterdir())
-    painted = np.asarray(Image.open(runs[-1].parents[2] / "inputs" / "masks" / "brush_1.png"))
-    assert painted.shape == (192, 192) and painted.max() == 255
-    cy, cx = np.argwhere(painted > 0).mean(0)
-    assert abs(cy - yellow[0]) < 15 and abs(cx - yellow[1]) < 15  # the stroke landed where it was drawn
+    for name, centre in (("brush_1", yellow), ("brush_2", cross)):  # each stroke landed where it was drawn
+        painted = np.asarray(Image.open(runs[-1].parents[2] / "inputs" / "masks" / f"{name}.png"))
+        assert painted.shape == (192, 192) and painted.max() == 255
+        assert np.abs(np.argwhere(painted > 0).mean(0) - centre).max() < 15, name

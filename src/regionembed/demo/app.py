@@ -122,6 +122,34 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         status = f"Synthetic scene {index}: {', '.join(names)} (masks uploaded below; '{absent}' is not in the image)."
         return editor, files, prompts, "a {}.", index + 1, status
 
+    def show_boxes(image, boxes, first=None):
+        """The image with the typed boxes (and a box's first corner) drawn on it."""
+        if image is None:
+            return None
+        try:
+            rects = core.parse_box_lines(boxes, image.size)
+        except ValueError:
+            rects = []  # the run reports malformed boxes; the preview just leaves them out
+        return core.draw_boxes(image, rects, first)
+
+    def set_base(editor, boxes):
+        """Keep the editor's image server-side for the box preview (clicks then send no image data)."""
+        if not editor or editor.get("background") is None:
+            return None, None
+        image = editor["background"].convert("RGB")
+        return image, show_boxes(image, boxes)
+
+    def add_corner(image, boxes, first, evt: gr.SelectData):
+        if image is None:
+            return gr.skip(), None, gr.skip()
+        x, y = (int(v) for v in evt.index)
+        if first is None:
+            return gr.skip(), (x, y), show_boxes(image, boxes, (x, y))
+        (x0, x1), (y0, y1) = sorted((first[0], x)), sorted((first[1], y))
+        line = f"{x0} {y0} {x1 + 1} {y1 + 1}"  # clicked pixels are inside the box
+        boxes = "\n".join([*core.parse_lines(boxes), line])
+        return boxes, None, show_boxes(image, boxes)
+
     def run_ui(
         kind,
         name,
@@ -209,7 +237,19 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                     file_count="multiple",
                     elem_id="mask_files",
                 )
-                boxes = gr.Textbox(label="Boxes, one region per line: x0 y0 x1 y1 (pixels)", lines=2, elem_id="boxes")
+                with gr.Row():
+                    box_picker = gr.Image(
+                        label="Draw a box: click two opposite corners",
+                        type="pil",
+                        interactive=False,
+                        elem_id="box_picker",
+                        height=220,
+                    )
+                    boxes = gr.Textbox(
+                        label="Boxes, one region per line: x0 y0 x1 y1 (pixels)", lines=6, elem_id="boxes"
+                    )
+                corner = gr.State(None)  # the first corner of a box being drawn
+                base = gr.State(None)  # the image under the box preview
                 with gr.Row():
                     prompts = gr.Textbox(label="Prompts, one per line", lines=4, elem_id="prompts")
                     templates = gr.Textbox(
@@ -271,8 +311,15 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
         load.click(load_model_ui, [kind, name, weights, alpha], model_info)
         kind.change(load_model_ui, [kind, name, weights, alpha], model_info)
         app.load(load_model_ui, [kind, name, weights, alpha], model_info)  # cached after the first page load
-        image_file.upload(open_image, image_file, [editor, status, image_file])
-        scene.click(new_scene, scene_index, [editor, mask_files, prompts, templates, scene_index, status])
+        image_file.upload(open_image, image_file, [editor, status, image_file]).then(
+            set_base, [editor, boxes], [base, box_picker]
+        )
+        scene.click(new_scene, scene_index, [editor, mask_files, prompts, templates, scene_index, status]).then(
+            set_base, [editor, boxes], [base, box_picker]
+        )
+        editor.upload(set_base, [editor, boxes], [base, box_picker])
+        boxes.blur(show_boxes, [base, boxes], box_picker)
+        box_picker.select(add_corner, [base, boxes, corner], [boxes, corner, box_picker])
         run.click(
             run_ui,
             [

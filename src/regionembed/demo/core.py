@@ -50,7 +50,9 @@ __all__ = [
     "METHODS",
     "ModelSpec",
     "RunSettings",
+    "draw_boxes",
     "load_model",
+    "parse_box_lines",
     "parse_boxes",
     "parse_lines",
     "run",
@@ -157,17 +159,19 @@ def parse_lines(text: str | None) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
-def parse_boxes(text: str | None, size: tuple[int, int]) -> list[np.ndarray]:
-    """Box lines ``x0 y0 x1 y1`` (pixels, commas or spaces) -> binary masks ``[H, W]`` for an image of ``size``.
+def parse_box_lines(text: str | None, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Box lines ``x0 y0 x1 y1`` (pixels, commas or spaces; ``x1``/``y1`` exclusive) for an image of ``size``.
 
     Raises:
         ValueError: a line that is not four numbers, or a box that is empty or leaves the image.
     """
     width, height = size
-    masks = []
+    out = []
     for i, line in enumerate(parse_lines(text), start=1):
         parts = [p for p in re.split(r"[,\s]+", line) if p]
         try:
+            if len(parts) != 4:
+                raise ValueError
             x0, y0, x1, y1 = (round(float(p)) for p in parts)
         except ValueError:
             raise ValueError(f"box {i} {line!r}: expected four numbers 'x0 y0 x1 y1' in pixels") from None
@@ -176,10 +180,40 @@ def parse_boxes(text: str | None, size: tuple[int, int]) -> list[np.ndarray]:
                 f"box {i} {line!r} is empty or leaves the {width}x{height} image (need 0 <= x0 < x1 <= width, "
                 "0 <= y0 < y1 <= height)"
             )
+        out.append((x0, y0, x1, y1))
+    return out
+
+
+def parse_boxes(text: str | None, size: tuple[int, int]) -> list[np.ndarray]:
+    """Box lines (see :func:`parse_box_lines`) -> binary masks ``[H, W]`` float32 for an image of ``size``."""
+    width, height = size
+    masks = []
+    for x0, y0, x1, y1 in parse_box_lines(text, size):
         mask = np.zeros((height, width), np.float32)
         mask[y0:y1, x0:x1] = 1
         masks.append(mask)
     return masks
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    corner: tuple[int, int] | None = None,
+    labels: bool = True,
+) -> Image.Image:
+    """``image`` with ``boxes`` (xyxy pixels, exclusive ends) outlined in green, numbered when ``labels``, and an
+    optional pending first corner marked in red."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    width = max(1, round(max(out.size) / 200))
+    for k, (x0, y0, x1, y1) in enumerate(boxes, start=1):
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 0), width=width)
+        if labels:
+            draw.text((x0 + 2, y0 + 1), f"box_{k}", fill=(0, 255, 0))
+    if corner is not None:
+        r = 2 * width + 1
+        draw.ellipse([corner[0] - r, corner[1] - r, corner[0] + r, corner[1] + r], outline=(255, 0, 0), width=width)
+    return out
 
 
 def synthetic_scene(index: int, image_size: int = 192, seed: int = 12345) -> tuple[Image.Image, list, list[str]]:
@@ -313,16 +347,6 @@ def optimizer_steps(callback: Callable[[int], None]) -> Iterator[None]:
         handle.remove()
 
 
-def _draw_boxes(overlay: np.ndarray, boxes: torch.Tensor, scale: tuple[float, float]) -> np.ndarray:
-    img = Image.fromarray(overlay)
-    draw = ImageDraw.Draw(img)
-    for x0, y0, x1, y1 in boxes.tolist():
-        draw.rectangle(
-            [x0 * scale[0], y0 * scale[1], x1 * scale[0] - 1, y1 * scale[1] - 1], outline=(0, 255, 0), width=2
-        )
-    return np.asarray(img)
-
-
 def explainer_maps(
     backbone: Backbone,
     image: Image.Image,
@@ -347,7 +371,8 @@ def explainer_maps(
         caption = f"{name}: {prompt}"
         if found:
             boxes = maps_to_boxes(maps[i], threshold=0.6).boxes
-            overlay = _draw_boxes(overlay, boxes, scale)
+            boxes = boxes * torch.tensor([scale[0], scale[1], scale[0], scale[1]])  # model input -> image pixels
+            overlay = np.asarray(draw_boxes(Image.fromarray(overlay), boxes.tolist(), labels=False))
             if present is not None:
                 caption += " (present)"
         else:
