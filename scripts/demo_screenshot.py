@@ -48,7 +48,7 @@ def main() -> None:
     os.environ.setdefault("SE_AVOID_STATS", "true")
     options = Options()
     options.binary_location = shutil.which("chromium") or "chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,2300"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,2500"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     try:
@@ -71,6 +71,7 @@ def main() -> None:
         WebDriverWait(driver, 600).until(
             lambda d: any(w in d.find_element(By.ID, "status").text for w in ("Done", "Error"))
         )
+        driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(2)  # let images and the plot paint
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(args.out)

@@ -222,7 +222,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                         scene_index = gr.Number(value=0, precision=0, label="scene", elem_id="scene_index")
                         scene = gr.Button("New synthetic scene", elem_id="new_scene")
                 editor = gr.ImageEditor(
-                    label="Image; paint one layer per region (add layers with the layer tool)",
+                    label="Image: paint one layer per region (layers menu below)",
                     type="pil",
                     image_mode="RGBA",
                     format="png",
