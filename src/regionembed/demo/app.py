@@ -192,7 +192,9 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                 brush_layers=[layer for layer in editor.get("layers") or [] if layer is not None],
                 mask_files=[getattr(f, "name", f) for f in mask_files or []],
                 boxes=boxes,
-                progress=lambda step, total, msg: progress((step, total), desc=f"MaskInversion {msg}", unit="steps"),
+                progress=lambda step, total, msg: progress(
+                    (step, max(total, 1)), desc=f"MaskInversion {msg}", unit="steps"
+                ),
                 device=state.device,
             )
         except Exception as err:  # bad input or model: the library's message, in the page

@@ -33,7 +33,7 @@ from ..boxes import maps_to_boxes
 from ..callbacks.writer import write_inversion
 from ..data.folder import ImageMaskDataset
 from ..explainers import GradCAM, LeGrad, ScoreCAM, VLScore
-from ..io import load_image, mask_from_pil, save_png
+from ..io import atomic_write, load_image, mask_from_pil, save_png
 from ..modules.mask_inversion import MaskInversionModule
 from ..regions import (
     AlphaEmbedding,
@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 INFER_CONFIG = "configs/infer/maskinversion.yaml"
 TINY_CONFIG = "configs/backbone/tiny.yaml"
 
@@ -431,7 +430,12 @@ def _zip(run_dir: Path) -> Path:
 
 
 def command_line(
-    spec: ModelSpec, image_path: Path, mask_paths: Sequence[Path], settings: RunSettings, output: Path
+    spec: ModelSpec,
+    image_path: Path,
+    mask_paths: Sequence[Path],
+    settings: RunSettings,
+    output: Path,
+    device: str | torch.device = "cpu",
 ) -> str:
     """The ``infer.py single`` command that reproduces a run's embeddings (run from the repository root)."""
     args = ["python", "infer.py", "single", str(image_path), *map(str, mask_paths)]
@@ -447,7 +451,7 @@ def command_line(
         f"--model.init_args.lr={settings.lr}",
         f"--model.init_args.strategy={settings.strategy}",
         f"--model.init_args.layers={list(settings.layers)}",
-        "--trainer.accelerator=cpu",
+        f"--trainer.accelerator={'cpu' if torch.device(device).type == 'cpu' else 'gpu'}",
     ]
     if settings.prompts:
         args.append(f"--model.init_args.prompt_templates={list(settings.templates)}".replace("'", '"'))
@@ -538,8 +542,9 @@ def run(
                 settings.methods,
                 result["embeddings"],
             )
-    command = command_line(spec, image_path, mask_paths, settings, run_dir / "cli")
-    (run_dir / "command.txt").write_text(command + "\n")
+    command = command_line(spec, image_path, mask_paths, settings, run_dir / "cli", device)
+    with atomic_write(run_dir / "command.txt", "w") as fh:
+        fh.write(command + "\n")
     archive = _zip(run_dir)
     return RunResult(
         run_dir=run_dir,
