@@ -159,3 +159,23 @@ def test_fit_says_where_checkpoints_and_exports_went(tmp_path, caplog):
         )
     assert export.is_file()
     assert f"exported weights: {export}" in caplog.text and "checkpoints (resume with" in caplog.text
+
+
+def test_pretrained_null_on_the_command_line_means_random(region_folder, tmp_path):
+    """`--...pretrained=null` reaches a nested `str | None` argument as the string "None"; it means no weights."""
+    out = tmp_path / "out"
+    masks = region_folder / "masks" / "a"
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        infer_main(
+            [
+                "single",
+                str(region_folder / "images" / "a.png"),
+                str(masks / "grey.png"),
+                "--output",
+                str(out),
+                "--model.init_args.backbone.init_args.model_name=re-tiny-vit",
+                "--model.init_args.backbone.init_args.pretrained=null",
+                *FAST,
+            ]
+        )
+    assert json.loads((out / "a" / "manifest.json").read_text())["weights"] == "random"

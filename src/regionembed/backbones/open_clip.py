@@ -21,6 +21,7 @@ from .weights import (
     hub_offline,
     load_lightning_backbone_state,
     looks_like_path,
+    normalize_pretrained,
     offline_error,
     resolve_local_file,
     weights_error,
@@ -227,7 +228,7 @@ class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
         super().__init__()
         check_library_versions("open_clip")
         self.model_name = model_name
-        self.pretrained = pretrained
+        self.pretrained = pretrained = normalize_pretrained(pretrained)
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
         visual = self.model.visual
         if not isinstance(visual, VisionTransformer):

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts
 from .open_clip import OpenCLIPModelMixin, _create_open_clip
+from .weights import normalize_pretrained
 
 __all__ = ["OpenCLIPResNetBackbone"]
 
@@ -76,7 +77,7 @@ class OpenCLIPResNetBackbone(OpenCLIPModelMixin, Backbone):
         super().__init__()
         check_library_versions("open_clip")
         self.model_name = model_name
-        self.pretrained = pretrained
+        self.pretrained = pretrained = normalize_pretrained(pretrained)
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
         visual = self.model.visual
         if not isinstance(visual, ModifiedResNet):

@@ -14,7 +14,14 @@ from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
-from .weights import hub_offline, looks_like_path, offline_error, resolve_local_file, weights_error
+from .weights import (
+    hub_offline,
+    looks_like_path,
+    normalize_pretrained,
+    offline_error,
+    resolve_local_file,
+    weights_error,
+)
 
 
 class TimmBackbone(Backbone):
@@ -47,7 +54,7 @@ class TimmBackbone(Backbone):
         kwargs: dict = {"dynamic_img_size": True}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        self.pretrained = pretrained
+        self.pretrained = pretrained = normalize_pretrained(pretrained)
         if isinstance(pretrained, str) and pretrained:
             kwargs["pretrained_cfg_overlay"] = {"file": resolve_local_file(pretrained)}
             load = True

@@ -23,6 +23,14 @@ class PretrainedWeightsUnavailable(RuntimeError):
         self.reason = reason or message
 
 
+def normalize_pretrained(pretrained: str | bool | None) -> str | bool | None:
+    """``None`` for the spellings of "no weights" that reach us as strings (``--...pretrained=null`` on the command
+    line arrives as ``"None"`` for a ``str | None`` argument nested in a subclass), else ``pretrained`` unchanged."""
+    if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
+        return None
+    return pretrained
+
+
 def looks_like_path(pretrained: str) -> bool:
     """True when ``pretrained`` names a local weights file rather than a hub tag."""
     return pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or Path(pretrained).exists()
