@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from . import zoo
 from .backbones.attention import UnsupportedModelError
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
@@ -29,7 +30,7 @@ PRETRAINED_KEY = "model.init_args.backbone.init_args.pretrained"
 
 #: ``infer.py single --model`` shortcuts: (open_clip architecture, ``pretrained``)
 SINGLE_MODELS: dict[str, tuple[str, str | None]] = {
-    "synthetic": ("re-small-vit", "regionembed:clip_synthetic"),
+    "synthetic": (zoo.MODELS["clip_synthetic"].model_name, "regionembed:clip_synthetic"),
     "tiny": ("re-tiny-vit", None),
 }
 

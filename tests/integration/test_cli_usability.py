@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from regionembed import zoo
 from regionembed.cli import CLIError, infer_main, single_args, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +92,10 @@ def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path)
 def test_single_translation():
     args = single_args(["img.png", "m.png", "--model", "synthetic", "--templates", "a {}.", "--trainer.devices", "2"])
     backbone = json.loads(next(a for a in args if a.startswith("--model.init_args.backbone=")).split("=", 1)[1])
-    assert backbone["init_args"] == {"model_name": "re-small-vit", "pretrained": "regionembed:clip_synthetic"}
+    assert backbone["init_args"] == {
+        "model_name": zoo.MODELS["clip_synthetic"].model_name,
+        "pretrained": "regionembed:clip_synthetic",
+    }
     assert '--model.init_args.prompt_templates=["a {}."]' in args
     assert args[-2:] == ["--trainer.devices", "2"]
     rn = single_args(["i.png", "m.png", "--model", "RN50", "--weights", "none"])
