@@ -20,6 +20,7 @@ from . import zoo
 from .backbones.attention import UnsupportedModelError
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
+from .callbacks.writer import image_folder
 from .outputs import check_output_dir
 
 __all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
@@ -202,10 +203,32 @@ class InferCLI(_RegionembedCLI):
             target = Path(results).parent if self.subcommand == "test" and results else config.writer.output_dir
             config.trainer.default_root_dir = str(target)
 
+    def _single_summary(self, output_dir: str) -> list[str]:
+        """Each region's best prompt, from the manifest of the one image of ``infer.py single``."""
+        image = getattr(self.datamodule, "image", None)
+        if image is None:
+            return []
+        folder = image_folder(output_dir, Path(image).stem)
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return []
+        lines = [f"{Path(image).name} (weights: {manifest.get('weights', 'unknown')}):"]
+        for region in manifest["regions"]:
+            line = f"  {region['name']}: final Dice loss {region['final_dice_loss']:.3f}"
+            if "best_prompt" in region:
+                p = region["prompt_probabilities"][region["best_prompt"]]
+                line += f", best prompt {region['best_prompt']!r} (p = {p:.2f})"
+            lines.append(line)
+        if manifest.get("weights") == "random":
+            lines.append("  (random weights: these numbers mean nothing)")
+        return [*lines, f"files: {folder}/"]
+
     def _report(self) -> None:
         config = self.config[self.subcommand]
         lines = []
         if self.subcommand == "predict":
+            lines += self._single_summary(config.writer.output_dir)
             lines.append(f"results (embeddings, overlays, manifest per image): {Path(config.writer.output_dir)}/")
         results = self._results_path(config)
         if results:

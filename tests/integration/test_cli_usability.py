@@ -64,9 +64,10 @@ def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog)
     assert f"{out}/" in caplog.text and "config.yaml" in caplog.text  # where did it go: printed at the end
 
 
-def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path):
+def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path, caplog):
     out = tmp_path / "out"
     masks = region_folder / "masks" / "a"
+    caplog.set_level(logging.INFO)
     infer_main(
         [
             "single",
@@ -85,6 +86,9 @@ def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path)
     )
     manifest = json.loads((out / "a" / "manifest.json").read_text())
     assert manifest["prompts"] == ["a cat", "a dog"]
+    best = manifest["regions"][0]["best_prompt"]
+    assert "grey: final Dice loss" in caplog.text and f"best prompt {best!r}" in caplog.text
+    assert "random weights: these numbers mean nothing" in caplog.text
     saved = (out / "config.yaml").read_text()
     assert "a photo of a {}." in saved and "re-tiny-vit" in saved
 
