@@ -604,3 +604,18 @@ def test_metric_collection_keys_and_forward():
     metric(torch.eye(3), torch.tensor([0, 1, 2]))
     assert float(batch["top1"]) == pytest.approx(2 / 3)
     assert float(metric.compute()["top1"]) == pytest.approx(5 / 6)
+
+
+def test_iteration_curve():
+    from regionembed.metrics import IterationCurve
+
+    metric = IterationCurve(steps=2)
+    logits = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]])  # [T=2, N=2, C=2]
+    metric.update(logits, torch.tensor([1, 0]), torch.tensor([[0.8, 0.6], [0.4, 0.2]]))
+    out = metric.compute()
+    assert torch.allclose(out["top1"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(out["dice"], torch.tensor([0.7, 0.3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="logits"):
+        metric.update(logits[:1], torch.tensor([1, 0]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="steps"):
+        IterationCurve(steps=0)

@@ -23,7 +23,7 @@ Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_
 """
 
 from . import functional
-from .classification import RegionAccuracy
+from .classification import IterationCurve, RegionAccuracy
 from .faithfulness import ContrastiveDeletionGap, DeletionInsertionAUC
 from .functional import auc, contrastive_deletion_gap, deletion_insertion_curves
 from .localization import BoxLocalization, MapMaskAgreement, MaxBoxAccV2, ReferringAccuracy
@@ -33,6 +33,7 @@ __all__ = [
     "BoxLocalization",
     "ContrastiveDeletionGap",
     "DeletionInsertionAUC",
+    "IterationCurve",
     "MapMaskAgreement",
     "MaxBoxAccV2",
     "RecallAtK",

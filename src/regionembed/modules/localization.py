@@ -125,7 +125,7 @@ class MaskInversionMaps(MaskInversionEmbedding):
     """
 
     def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return MaskInversion(backbone, **self.config)(image, masks).maps
+        return MaskInversion(backbone, explainer=self.explainer, **self.config)(image, masks).maps
 
     def __repr__(self) -> str:
         return f"MaskInversionMaps({self.config})"
@@ -315,12 +315,28 @@ class LocalizationModule(L.LightningModule):
                 contrast_maps = F.interpolate(contrast_maps[:, None], size=size, mode="bilinear")[:, 0].clamp(0, 1)
         absent = ~present
         boxes = []
-        found = maps_to_boxes(maps, self.hparams.threshold, self.hparams.min_area, self.hparams.box_mode)
-        for result, miss in zip(found, absent.tolist(), strict=True):
-            # no component (or an absent target): a zero-area box, IoU 0 with everything, i.e. a miss
-            boxes.append(empty_box(maps.device) if miss or len(result.boxes) == 0 else result.boxes[:1])
-        boxes = torch.cat(boxes)
+        # An explainer may carry its own box protocol (e.g. VLScoreAuthors: 4-connected, every component a box).
+        explainer = self.explainers.get(name)
+        every = bool(getattr(explainer, "every_component", False))
+        found = maps_to_boxes(
+            maps,
+            self.hparams.threshold,
+            self.hparams.min_area,
+            "all" if every else self.hparams.box_mode,
+            connectivity=int(getattr(explainer, "box_connectivity", 8)),
+        )
         gt_boxes, gt_masks, classes = query["boxes"], query["masks"], query["classes"]
+        for i, (result, miss) in enumerate(zip(found, absent.tolist(), strict=True)):
+            # no component (or an absent target): a zero-area box, IoU 0 with everything, i.e. a miss
+            if miss or len(result.boxes) == 0:
+                boxes.append(empty_box(maps.device))
+            elif every:  # every component is a candidate: the one that best matches the ground truth
+                ious = best_box_iou(result.boxes, [gt_boxes[i]] * len(result.boxes))
+                best = int(torch.argmax(ious))
+                boxes.append(result.boxes[best : best + 1])
+            else:
+                boxes.append(result.boxes[:1])
+        boxes = torch.cat(boxes)
         metrics["boxloc"].update(boxes, gt_boxes, query["topk"], classes)
         metrics["box_iou"].update(best_box_iou(boxes, gt_boxes).float())
         scored = maps
