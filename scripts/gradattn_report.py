@@ -86,7 +86,7 @@ def step_timing(steps: int, batch_size: int = 32) -> dict[str, float]:
     from regionembed.modules import ComposedRetrievalModule
 
     torch.manual_seed(0)
-    backbone = OpenCLIPBackbone("re-small-vit", pretrained="regionembed:clip_synthetic")
+    backbone = OpenCLIPBackbone("re-synth-vit", pretrained="regionembed:clip_synthetic")
     data = SyntheticComposedDataModule(train_size=batch_size, val_size=1, test_size=1, batch_size=batch_size)
     data.preprocess = backbone.preprocess
     data.setup("fit")

@@ -1,9 +1,9 @@
 """Boxes from saliency maps: threshold at a fraction of each map's maximum, connected components, one box each.
 
 This is the box step of the CAM weakly-supervised localization protocol (Zhou et al., 2016): keep the pixels whose
-value reaches ``threshold * max(map)``, split them into 8-connected components (``scipy.ndimage.label``), and box
-each component (:func:`component_boxes`, also the box step of MaxBoxAccV2 in :mod:`regionembed.metrics`). Plain torch,
-no Lightning.
+value reaches ``threshold * max(map)``, split them into 8- (or 4-) connected components
+(``scipy.ndimage.label``), and box each component (:func:`component_boxes`, also the box step of MaxBoxAccV2 in
+:mod:`regionembed.metrics`). Plain torch, no Lightning.
 
 Boxes follow the package convention (see :mod:`regionembed.metrics.functional`): ``[K, 4]`` xyxy in continuous pixel
 coordinates, pixel ``(r, c)`` covering ``[c, c + 1] x [r, r + 1]``, so a component over columns ``c0..c1`` spans
@@ -24,6 +24,7 @@ __all__ = ["MapBoxes", "component_boxes", "empty_box", "maps_to_boxes"]
 BoxMode = Literal["largest", "all", "merge"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+_STRUCTURES = {8: _EIGHT_CONNECTED, 4: ndimage.generate_binary_structure(2, 1)}
 
 
 class MapBoxes(NamedTuple):
@@ -45,11 +46,14 @@ def empty_box(device: torch.device | None = None) -> torch.Tensor:
     return torch.zeros(1, 4, device=device)
 
 
-def component_boxes(foreground: np.ndarray | torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """The 8-connected components of a binary map and the tight box of each: the one component boxing of the package.
+def component_boxes(
+    foreground: np.ndarray | torch.Tensor, connectivity: int = 8
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The connected components of a binary map and the tight box of each: the one component boxing of the package.
 
     Args:
         foreground: ``[H, W]`` bool (numpy or torch).
+        connectivity: 8 (diagonal neighbours join a component) or 4 (edge neighbours only).
 
     Returns:
         ``(labels, boxes, areas)``: ``labels`` ``[H, W]`` int numpy array (0 background, ``1..K`` components, as
@@ -59,7 +63,9 @@ def component_boxes(foreground: np.ndarray | torch.Tensor) -> tuple[np.ndarray, 
     """
     if isinstance(foreground, torch.Tensor):
         foreground = foreground.detach().cpu().numpy()
-    labels, n = ndimage.label(np.asarray(foreground, dtype=bool), structure=_EIGHT_CONNECTED)
+    if connectivity not in _STRUCTURES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    labels, n = ndimage.label(np.asarray(foreground, dtype=bool), structure=_STRUCTURES[connectivity])
     slices = ndimage.find_objects(labels)
     boxes = torch.tensor([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], dtype=torch.float64)
     areas = torch.from_numpy(np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64))
@@ -74,7 +80,7 @@ def _min_pixels(min_area: float, num_pixels: int) -> float:
 
 
 def _one_map_boxes(
-    m: torch.Tensor, threshold: float, min_pixels: float, mode: BoxMode, nms_iou: float | None
+    m: torch.Tensor, threshold: float, min_pixels: float, mode: BoxMode, nms_iou: float | None, connectivity: int = 8
 ) -> MapBoxes:
     empty = MapBoxes(
         torch.zeros(0, 4, device=m.device), torch.zeros(0, device=m.device), torch.zeros(0, dtype=torch.long)
@@ -82,7 +88,7 @@ def _one_map_boxes(
     peak = float(m.max())
     if peak <= 0:  # all-zero (or non-positive) map: nothing is salient
         return empty
-    labels, all_boxes, areas = component_boxes(m >= threshold * peak)
+    labels, all_boxes, areas = component_boxes(m >= threshold * peak, connectivity)
     n = len(areas)
     if n == 0:
         return empty
@@ -119,6 +125,7 @@ def maps_to_boxes(
     min_area: float = 0.0,
     mode: BoxMode = "largest",
     nms_iou: float | None = None,
+    connectivity: int = 8,
 ) -> MapBoxes | list[MapBoxes]:
     """Boxes of the salient regions of one map or a batch of maps.
 
@@ -133,6 +140,8 @@ def maps_to_boxes(
             ``"merge"``: one box, the union of all kept components.
         nms_iou: with ``mode="all"``, drop boxes overlapping a higher-mass box by more than this IoU
             (``torchvision.ops.nms``); ``None``: keep all.
+        connectivity: 8 (diagonal neighbours join a component, the CAM protocol's contours) or 4 (only edge
+            neighbours, ``cv2.connectedComponents(connectivity=4)`` as in VL-Score's code).
 
     Returns:
         :class:`MapBoxes` (boxes ``[K, 4]``, scores, areas) for a ``[H, W]`` map, a list of them for ``[B, H, W]``.
@@ -155,10 +164,12 @@ def maps_to_boxes(
         raise ValueError(f"threshold must be a fraction of the map maximum in [0, 1], got {threshold}")
     if mode not in ("largest", "all", "merge"):
         raise ValueError(f"mode must be 'largest', 'all' or 'merge', got {mode!r}")
+    if connectivity not in _STRUCTURES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     if nms_iou is not None and not 0 <= nms_iou <= 1:
         raise ValueError(f"nms_iou must be in [0, 1] or None, got {nms_iou}")
     min_pixels = _min_pixels(min_area, maps.shape[-1] * maps.shape[-2])
     maps = maps.detach()
     if maps.ndim == 2:
-        return _one_map_boxes(maps, threshold, min_pixels, mode, nms_iou)
-    return [_one_map_boxes(m, threshold, min_pixels, mode, nms_iou) for m in maps]
+        return _one_map_boxes(maps, threshold, min_pixels, mode, nms_iou, connectivity)
+    return [_one_map_boxes(m, threshold, min_pixels, mode, nms_iou, connectivity) for m in maps]

@@ -3,8 +3,13 @@
 Every method maps ``(backbone, image [3, S, S] (normalised), masks [N, S, S] in [0, 1]) -> [N, D]``:
 
 ``global``         the whole-image embedding for every region (the floor).
-``crop``           the region's bounding box cropped and resized to the model's input (``roi_align``).
+``crop``           the region's tight bounding box cut out of the *model input* and stretched to a square
+                   (``roi_align``; no context, aspect ratio lost): the project's first, weaker protocol.
 ``masked_crop``    as ``crop`` after greying (the dataset mean) or blurring everything outside the mask.
+``crop_square``    the literature's protocol (:class:`ContextCropEmbedding`): a square box around the region (aspect
+                   ratio kept) grown by a context margin, cut from the *original-resolution* image, padded with the
+                   mean colour where it leaves the image, resized once to the model input; ``masked_crop_square_*``
+                   greys or blurs outside the mask first.
 ``mask_pool``      mask-weighted average of the projected patch tokens of the last block (dense CLIP features).
 ``red_circle``     a red ellipse drawn around the region on the full image (Shtedritski et al., 2023).
 ``mask_inversion`` MaskInversion's localized embedding tokens.
@@ -24,10 +29,12 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from .backbones.alpha import alpha_from_boxes, alpha_from_masks, whole_image_alpha
 from .backbones.base import Backbone
+from .explainers.base import Explainer
 from .inversion import MaskInversion, check_masks
 
 __all__ = [
     "AlphaEmbedding",
+    "ContextCropEmbedding",
     "CropEmbedding",
     "GlobalEmbedding",
     "MaskInversionEmbedding",
@@ -63,10 +70,24 @@ class RegionEmbedder(abc.ABC):
 
     #: short name used in logs and tables
     name: str = "region"
+    #: whether the method uses the original-resolution image when the evaluator has it (see ``__call__``)
+    needs_original_image: bool = False
 
-    def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Embed ``masks`` ``[N, S, S]`` of ``image`` ``[3, S, S]`` -> ``[N, D]``."""
+    def __call__(
+        self,
+        backbone: Backbone,
+        image: torch.Tensor,
+        masks: torch.Tensor,
+        original: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embed ``masks`` ``[N, S, S]`` of ``image`` ``[3, S, S]`` -> ``[N, D]``.
+
+        ``original`` is ``(uint8 image [3, H, W], uint8 masks [N, H, W])``, the same regions before the resize;
+        only methods with ``needs_original_image`` use it.
+        """
         masks = _check(backbone, image, masks)
+        if self.needs_original_image:
+            return self.embed(backbone, image, masks, original=original)
         return self.embed(backbone, image, masks)
 
     @abc.abstractmethod
@@ -146,6 +167,94 @@ class MaskedCropEmbedding(CropEmbedding):
             return backbone.encode_image(crops)
 
 
+def square_boxes(masks: torch.Tensor, context: float) -> torch.Tensor:
+    """``[N, 4]`` float xyxy squares centred on each mask's box, side ``max(w, h) * (1 + 2 * context)``.
+
+    Not clipped: the part outside the image is padded by the caller.
+    """
+    boxes = masks_to_boxes(masks > 0).float()
+    boxes[:, 2:] += 1  # inclusive pixel indices -> pixel edges
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1, keepdim=True) * (1 + 2 * context) / 2
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+class ContextCropEmbedding(RegionEmbedder):
+    """The crop baselines as the literature runs them: square, with context, from the original image.
+
+    For each region: the tight box of its mask in the original-resolution image, made square around its centre
+    (side = the longer box side, so the aspect ratio is kept), grown by ``context`` of that side on every side; the
+    square is cut out of the original image, padded with the normalisation mean (grey) where it leaves the image,
+    and resized once to the model input (``roi_align`` with adaptive sampling, i.e. area-averaged when shrinking).
+    With ``background`` the pixels outside the mask are first replaced by grey (the mean) or a blurred copy of the
+    image, as the masked-crop prompts of Shtedritski et al. (2023, "What does CLIP know about a red circle?") and
+    Yang et al. (2023, "Fine-Grained Visual Prompting", blur outside the mask).
+
+    Without an original image (another evaluator, or a data module that does not keep it) the model input is
+    used, which for the square geometry and the context is the same protocol at the input's resolution.
+
+    Args:
+        context: margin on every side, as a fraction of the square's side before the margin (0.1 = 10%).
+        background: ``None`` (a plain crop), ``"grey"`` or ``"blur"`` outside the mask.
+        blur_sigma: Gaussian sigma as a fraction of the image's longer side, for ``"blur"``.
+        name: the table/metric name; default ``crop_square`` or ``masked_crop_square_<background>``.
+    """
+
+    needs_original_image = True
+
+    def __init__(
+        self,
+        context: float = 0.1,
+        background: Literal["grey", "blur"] | None = None,
+        blur_sigma: float = 0.05,
+        name: str | None = None,
+    ) -> None:
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        if background not in {None, "grey", "blur"}:
+            raise ValueError(f"background must be None, 'grey' or 'blur', got {background!r}")
+        self.context, self.background, self.blur_sigma = float(context), background, float(blur_sigma)
+        self.name = name or ("crop_square" if background is None else f"masked_crop_square_{background}")
+
+    def _normalised(self, backbone: Backbone, original: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        spec = backbone.preprocess
+        mean = torch.tensor(spec.mean, device=like.device, dtype=like.dtype).view(3, 1, 1)
+        std = torch.tensor(spec.std, device=like.device, dtype=like.dtype).view(3, 1, 1)
+        return (original.to(like.device, like.dtype) / 255.0 - mean) / std
+
+    def embed(self, backbone, image, masks, original=None):
+        if original is not None:
+            pixels, masks = original
+            source = self._normalised(backbone, pixels, image)
+            masks = masks.to(image.device, image.dtype)
+            if masks.shape[0] != 0 and masks.shape[-2:] != source.shape[-2:]:
+                raise ValueError(f"original masks {tuple(masks.shape)} do not match the original image")
+        else:
+            source = image
+        if self.background is None:
+            stack = source[None]  # one image, every region's box on it
+            batch_index = torch.zeros(len(masks), 1, device=image.device, dtype=image.dtype)
+        else:
+            if self.background == "grey":
+                fill = torch.zeros_like(source)  # the normalisation mean
+            else:
+                sigma = max(0.5, self.blur_sigma * max(source.shape[-2:]))
+                kernel = 2 * int(3 * sigma) + 1
+                fill = gaussian_blur(source, [kernel, kernel], [sigma, sigma])
+            m = masks[:, None]
+            stack = m * source[None] + (1 - m) * fill[None]  # [N, 3, H, W]
+            batch_index = torch.arange(len(masks), device=image.device, dtype=image.dtype)[:, None]
+        rois = torch.cat([batch_index, square_boxes(masks, self.context).to(image.dtype)], dim=1)
+        size = image.shape[-1]
+        # roi_align samples outside the image as 0, which is the mean colour in normalised space: the padding.
+        crops = roi_align(stack, rois, output_size=(size, size), spatial_scale=1.0, aligned=True)
+        with torch.no_grad():
+            return backbone.encode_image(crops)
+
+    def __repr__(self) -> str:
+        return f"ContextCropEmbedding(context={self.context}, background={self.background!r})"
+
+
 class MaskPoolEmbedding(RegionEmbedder):
     """Mask-weighted mean of the last block's patch tokens, each passed through the model's head (norm + proj)."""
 
@@ -198,7 +307,9 @@ class RedCircleEmbedding(RegionEmbedder):
 class MaskInversionEmbedding(RegionEmbedder):
     """MaskInversion's localized embedding tokens (all masks of an image solved together).
 
-    Args: the :class:`~regionembed.inversion.MaskInversionConfig` fields (defaults: the official ones).
+    Args: the :class:`~regionembed.inversion.MaskInversionConfig` fields (defaults: the official ones), plus
+        ``explainer``: the differentiable explainer whose maps are matched to the masks (default: LeGrad on
+        ``layers``; e.g. ``LeGrad(pooling="model")`` to follow the model's own pooling), and ``name``.
     """
 
     name = "mask_inversion"
@@ -211,7 +322,12 @@ class MaskInversionEmbedding(RegionEmbedder):
         alpha: float = 0.0,
         weight_decay: float = 0.0,
         strategy: str = "auto",
+        explainer: Explainer | None = None,
+        name: str | None = None,
     ) -> None:
+        self.explainer = explainer
+        if name:
+            self.name = name
         self.config = {
             "layers": tuple(layers or (-1,)),
             "lr": lr,
@@ -222,7 +338,16 @@ class MaskInversionEmbedding(RegionEmbedder):
         }
 
     def embed(self, backbone, image, masks):
-        return MaskInversion(backbone, **self.config)(image[None], masks).embeddings
+        return MaskInversion(backbone, explainer=self.explainer, **self.config)(image[None], masks).embeddings
+
+    def embed_history(
+        self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([iterations + 1, N, D] tokens, [iterations + 1, N] Dice loss)`` over the optimisation; the last row
+        is what :meth:`embed` returns."""
+        masks = _check(backbone, image, masks)
+        result = MaskInversion(backbone, explainer=self.explainer, **self.config)(image[None], masks)
+        return result.embedding_history, result.mask_loss_history
 
     def __repr__(self) -> str:
         return f"MaskInversionEmbedding({self.config})"

@@ -20,7 +20,7 @@ from regionembed.modules import LocalizationModule
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tests" / "tiny_localization.yaml"
-METHODS = {"legrad", "gradcam", "scorecam", "vlscore", "attentionrollout", "mask_inversion"}
+METHODS = {"legrad", "gradcam", "scorecam", "vlscore", "vlscore_authors", "attentionrollout", "mask_inversion"}
 FRACTIONS = {
     "gt_known_loc",
     "top1_loc",
@@ -65,8 +65,10 @@ def test_every_explainer_and_metric_in_range(in_process):
         assert row["ms_per_map"] > 0
         assert f"test/{name}/gt_known_loc" in logged
     # only VL-Score can say "not present"; with this random model it does for some queries
-    assert all(results[m]["not_present"] == 0 for m in METHODS - {"vlscore"})
+    assert all(results[m]["not_present"] == 0 for m in METHODS - {"vlscore", "vlscore_authors"})
     assert results["vlscore"]["not_present"] > 0  # its flags reach the module
+    # the same channel choice ("not present" does not depend on the temperature); every component a candidate box
+    assert results["vlscore_authors"]["not_present"] == results["vlscore"]["not_present"]
     cls = payload["classification"]
     assert 0 <= cls["top1"] <= cls["top5"] <= 1
     assert "test/classification/top1" in logged

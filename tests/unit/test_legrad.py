@@ -110,3 +110,28 @@ def test_min_max_constant_map_is_not_nan():
 def test_timm_legrad_runs(timm_backbone):
     maps = LeGrad([-1])(timm_backbone, torch.randn(1, 3, 64, 64), torch.randn(2, timm_backbone.embed_dim))
     assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all()
+
+
+def test_model_pooling_route(tiny_backbone):
+    """LeGrad(pooling="model") scores through the model's own pooling ([CLS] on re-tiny-vit), not the token mean."""
+    from regionembed.explainers.legrad import legrad_layer_features
+    from regionembed.inversion import MaskInversion
+    from regionembed.regions import MaskInversionEmbedding
+
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 32, 32)
+    target = torch.nn.functional.normalize(torch.randn(2, tiny_backbone.embed_dim), dim=-1)
+    tokens = tiny_backbone.forward_blocks(tiny_backbone.embed_tokens(image))
+    model_route = legrad_layer_features(tiny_backbone, tokens, "model")
+    assert torch.allclose(model_route, tiny_backbone.encode_image(image, normalize=True), atol=1e-5)
+    assert not torch.allclose(model_route, legrad_layer_features(tiny_backbone, tokens), atol=1e-3)
+    maps = LeGrad(pooling="model").explain(tiny_backbone, image, target)
+    assert maps.shape == (2, 32, 32) and not torch.allclose(maps, LeGrad().explain(tiny_backbone, image, target))
+    solver = MaskInversion(tiny_backbone, explainer=LeGrad(pooling="model"), iterations=2)
+    assert solver.plan(32, 2) == "explainer"  # the autograd path; only the official route has the fast ones
+    masks = torch.zeros(2, 32, 32)
+    masks[0, :16], masks[1, 16:] = 1, 1
+    emb = MaskInversionEmbedding(iterations=2, explainer=LeGrad(pooling="model"), name="mi_model")
+    assert emb.name == "mi_model" and emb(tiny_backbone, image[0], masks).shape == (2, tiny_backbone.embed_dim)
+    with pytest.raises(ValueError, match="pooling"):
+        LeGrad(pooling="cls")

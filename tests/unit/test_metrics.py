@@ -627,3 +627,18 @@ def test_map_mask_agreement_absent_maps_are_misses_even_when_the_mask_covers_eve
     assert float(out["pointing_game"]) == pytest.approx(float(plain["pointing"][1]) / 3)
     with pytest.raises(ValueError, match="present must be bool"):
         MF.map_mask_scores(maps, masks, present=torch.ones(2, dtype=torch.bool))
+
+
+def test_iteration_curve():
+    from regionembed.metrics import IterationCurve
+
+    metric = IterationCurve(steps=2)
+    logits = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]])  # [T=2, N=2, C=2]
+    metric.update(logits, torch.tensor([1, 0]), torch.tensor([[0.8, 0.6], [0.4, 0.2]]))
+    out = metric.compute()
+    assert torch.allclose(out["top1"], torch.tensor([0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(out["dice"], torch.tensor([0.7, 0.3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="logits"):
+        metric.update(logits[:1], torch.tensor([1, 0]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="steps"):
+        IterationCurve(steps=0)

@@ -17,6 +17,7 @@ from torch import nn
 from .alpha import load_alpha_clip_visual
 from .attention import UnsupportedModelError, check_library_versions
 from .base import Backbone, BlockParts, PreprocessSpec
+from .vocab import RemappedTokenizer, read_words, vocabulary_file
 from .weights import (
     hub_offline,
     load_lightning_backbone_state,
@@ -58,6 +59,30 @@ def _quiet_open_clip_errors(active: bool) -> Iterator[None]:
         yield
     finally:
         root.removeFilter(drop)
+
+
+def get_tokenizer(model_name: str, model: nn.Module | None = None):
+    """open_clip's tokenizer for ``model_name``, remapped into the architecture's small vocabulary if it has one.
+
+    Args:
+        model_name: an open_clip or regionembed architecture name.
+        model: when given, its token embedding must have as many rows as the (remapped) vocabulary.
+
+    Raises:
+        ValueError: the vocabulary file and the model's ``vocab_size`` disagree.
+    """
+    tokenizer = open_clip.get_tokenizer(model_name)
+    vocab = vocabulary_file(model_name, MODEL_CONFIG_DIR)
+    if vocab is None:
+        return tokenizer
+    tokenizer = RemappedTokenizer(tokenizer, read_words(vocab))
+    rows = getattr(getattr(model, "token_embedding", None), "num_embeddings", None)
+    if rows is not None and rows != tokenizer.vocab_size:
+        raise ValueError(
+            f"{vocab} gives a vocabulary of {tokenizer.vocab_size} ids but {model_name}'s token embedding has {rows} "
+            "rows: set text_cfg.vocab_size in its model config to match"
+        )
+    return tokenizer
 
 
 def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
@@ -117,7 +142,7 @@ class OpenCLIPModelMixin:
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
         )
-        self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        self._tokenizer = get_tokenizer(self.model_name, self.model)
         self.alpha_checkpoint = alpha_checkpoint
         if alpha_checkpoint:
             load_alpha_clip_visual(self, alpha_checkpoint)

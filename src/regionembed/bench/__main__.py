@@ -2,7 +2,7 @@
 
 import sys
 
-BENCHMARKS = ("alpha", "inversion", "vlscore")
+BENCHMARKS = ("alpha", "inversion", "probe", "vlscore")
 
 
 def main() -> None:
@@ -15,6 +15,10 @@ def main() -> None:
         run(sys.argv[2:])
     elif name == "inversion":
         from .inversion import main as run
+
+        run(sys.argv[2:])
+    elif name == "probe":
+        from .probe import main as run
 
         run(sys.argv[2:])
     elif name == "vlscore":

@@ -24,7 +24,7 @@ from .inversion import _max_rss_mb, _PeakRSS
 MODELS = {
     "ViT-B-16": ("ViT-B-16", None, 224),
     "RN50": ("RN50", None, 224),
-    "clip_synthetic": ("re-small-vit", "regionembed:clip_synthetic", 64),  # 4x the maps of the other models
+    "clip_synthetic": ("re-synth-vit", "regionembed:clip_synthetic", 64),  # 4x the maps of the other models
 }
 
 

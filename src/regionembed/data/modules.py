@@ -107,11 +107,14 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
         if self.preprocess is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
             if module is None or not hasattr(module, "backbone"):
                 raise RuntimeError(f"{type(self).__name__} needs `preprocess` or a LightningModule with a backbone")
             self.preprocess = module.backbone.preprocess
+        # A module whose methods crop from the original pixels (e.g. ContextCropEmbedding) asks for them; the
+        # evaluation samples then also carry `original` and `original_masks` (see RegionTransform).
+        keep_original = bool(getattr(module, "needs_original_image", False))
         wanted = {
             "fit": ["train", "val"],
             "validate": ["val"],
@@ -129,7 +132,7 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
                     self.preprocess, train=True, seed=self.seed + self.rank, scale=self.train_scale, hflip=self.hflip
                 )
             else:
-                transform = build_transform(self.preprocess, train=False, mode=self.mode)
+                transform = build_transform(self.preprocess, train=False, mode=self.mode, keep_original=keep_original)
             self.datasets[split] = self.build_dataset(split, transform)
         names = {tuple(ds.class_names) for ds in self.datasets.values()}
         if len(names) > 1:
@@ -168,13 +171,16 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         )
 
     def _train_sampler(self, dataset: Dataset) -> ResumableSampler:
-        """Seeded shuffling whose order is a function of (seed, epoch) and that can skip already trained batches."""
+        """Seeded shuffling whose order is a function of (seed, epoch) and that can skip already trained batches.
+
+        A dataset with ``ordered = True`` (a curriculum) is read in order instead.
+        """
         num_replicas, rank = world()
         return ResumableSampler(
             dataset,
             num_replicas=num_replicas,
             rank=rank,
-            shuffle=True,
+            shuffle=not getattr(dataset, "ordered", False),
             seed=self.seed,
             block=getattr(dataset, "block", 1),
         )

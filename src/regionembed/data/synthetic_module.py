@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from ..backbones.base import PreprocessSpec
 from .modules import RegionDataModule
@@ -13,6 +14,7 @@ from .synthetic import SyntheticReferring, SyntheticRegions, SyntheticWorld, Wor
 from .transforms import Mode, RegionTransform, build_transform
 
 __all__ = [
+    "CurriculumDataset",
     "SyntheticDataModule",
     "SyntheticEditPairs",
     "SyntheticReferringDataModule",
@@ -39,6 +41,38 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.transform(self.dataset[index])
+
+
+class CurriculumDataset(ConcatDataset):
+    """Phases read in order (``ordered = True`` tells the training sampler not to shuffle), e.g. single-object scenes
+    before multi-object ones.
+
+    Synthetic scenes are independent draws already, so reading them in order loses no randomness. Every phase's
+    length must be a multiple of ``block`` (pairs of hard negatives stay together).
+    """
+
+    ordered = True
+
+    def __init__(self, phases: list[Dataset], class_names: list[str], block: int = 1) -> None:
+        for phase in phases:
+            if len(phase) % block:
+                raise ValueError(f"curriculum phase of {len(phase)} items is not a multiple of block={block}")
+        super().__init__(phases)
+        self.class_names, self.block = list(class_names), block
+
+
+class _ClassCaptions(Dataset):
+    """Replace each scene's caption by ``template.format(<class name of its object>)`` (single-object scenes)."""
+
+    def __init__(self, dataset: Dataset, template: str) -> None:
+        self.dataset, self.template = dataset, template
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        return {**item, "caption": self.template.format(item["texts"][0])}
 
 
 class SyntheticEditPairs(Dataset):
@@ -93,6 +127,12 @@ class SyntheticDataModule(RegionDataModule):
             caption.
         hard_negatives: train on :class:`SyntheticEditPairs` (each scene with an edited copy in the same batch)
             instead of independent scenes; ``train_size`` counts images and ``batch_size`` must be even.
+        single_object_images: a curriculum: training first reads this many single-object scenes (the same world
+            with ``max_objects = 1``, from indices beyond every other split), in order, then the ``train_size``
+            images above (``train_size`` may be 0: the curriculum alone). Shapes are far easier to learn from one
+            object per caption; the step count grows by ``single_object_images / batch_size``.
+        single_object_caption: caption template of the curriculum's scenes, filled with the object's class name
+            (e.g. ``"a {}."``, the zero-shot prompt); None keeps the scene captions (templates and background).
         preprocess: see :class:`~regionembed.data.modules.RegionDataModule`.
         mode: see :class:`~regionembed.data.modules.RegionDataModule`.
         batch_size: see :class:`~regionembed.data.modules.RegionDataModule`.
@@ -109,6 +149,8 @@ class SyntheticDataModule(RegionDataModule):
         test_size: int = 500,
         augment: bool = False,
         hard_negatives: bool = False,
+        single_object_images: int = 0,
+        single_object_caption: str | None = None,
         preprocess: PreprocessSpec | None = None,
         mode: Mode = "squash",
         batch_size: int = 64,
@@ -116,30 +158,53 @@ class SyntheticDataModule(RegionDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(preprocess=preprocess, mode=mode, batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if min(train_size, val_size, test_size) < 0:
-            raise ValueError("split sizes must be >= 0")
+        if min(train_size, val_size, test_size, single_object_images) < 0:
+            raise ValueError("split sizes and single_object_images must be >= 0")
         self.world = SyntheticWorld(world or WorldConfig(), seed=world_seed)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.augment = augment
         self.hard_negatives = hard_negatives
-        if hard_negatives and (batch_size % 2 or train_size % 2):
-            raise ValueError("hard_negatives needs an even batch_size and train_size (pairs stay together)")
+        self.single_object_images = single_object_images
+        if single_object_caption is not None and "{}" not in single_object_caption:
+            raise ValueError(f"single_object_caption needs a '{{}}' placeholder, got {single_object_caption!r}")
+        self.single_object_caption = single_object_caption
+        if hard_negatives and (batch_size % 2 or train_size % 2 or single_object_images % 2):
+            raise ValueError(
+                "hard_negatives needs an even batch_size, train_size and single_object_images (pairs stay together)"
+            )
 
     #: scene indices of the hard-negative training pairs: far beyond any plain split, so never a val/test scene
     PAIRS_START = 10**8
+    #: scene indices of the single-object curriculum phase (a world of its own, also never a val/test scene)
+    SINGLE_START = 3 * 10**8
 
     def has_split(self, split: str) -> bool:
+        if split == "train":  # a curriculum alone is a training set too
+            return self.sizes[split] > 0 or self.single_object_images > 0
         return self.sizes[split] > 0
 
     def build_dataset(self, split: str, transform: RegionTransform) -> Dataset:
         start = {"train": 0, "val": self.sizes["train"], "test": self.sizes["train"] + self.sizes["val"]}[split]
         if split == "train" and not self.augment:
             transform = build_transform(self.preprocess, train=False, mode=self.mode)
-        if split == "train" and self.hard_negatives:
+        names = self.world.class_names
+        phases: list[Dataset] = []
+        if split == "train" and self.hard_negatives and self.sizes[split]:
             pairs = SyntheticEditPairs(self.world, start=self.PAIRS_START, length=self.sizes[split])
-            return TransformedDataset(pairs, transform, self.world.class_names, block=2)
-        scenes = SyntheticRegions(self.world, start=start, length=self.sizes[split])
-        return TransformedDataset(scenes, transform, self.world.class_names)
+            phases.append(TransformedDataset(pairs, transform, names, block=2))
+        elif self.sizes[split]:
+            scenes = SyntheticRegions(self.world, start=start, length=self.sizes[split])
+            phases.append(TransformedDataset(scenes, transform, names))
+        if split != "train" or not self.single_object_images:
+            return phases[0]
+        config = dataclasses.replace(self.world.config, min_objects=1, max_objects=1)
+        single = SyntheticRegions(
+            SyntheticWorld(config, seed=self.world.seed), start=self.SINGLE_START, length=self.single_object_images
+        )
+        if self.single_object_caption is not None:
+            single = _ClassCaptions(single, self.single_object_caption)
+        single = TransformedDataset(single, transform, names)
+        return CurriculumDataset([single, *phases], names, block=2 if self.hard_negatives and phases else 1)
 
     @property
     def class_names(self) -> list[str]:

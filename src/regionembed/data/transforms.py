@@ -81,11 +81,16 @@ class RegionTransform:
     Args:
         compose: the albumentations pipeline (geometry and image normalisation, no tensor conversion).
         size: output side ``S``.
+        keep_original: also return the untransformed image (``original``, uint8 ``[3, H, W]``) and the kept
+            regions' masks at that resolution (``original_masks``, uint8 ``[N', H, W]``), for region methods that
+            crop from the original pixels (:class:`~regionembed.regions.ContextCropEmbedding`). Eval only: with a
+            random crop the two would not describe the same regions' geometry the same way.
     """
 
-    def __init__(self, compose: A.Compose, size: int) -> None:
+    def __init__(self, compose: A.Compose, size: int, keep_original: bool = False) -> None:
         self.compose = compose
         self.size = size
+        self.keep_original = keep_original
 
     def set_seed(self, seed: int | None) -> None:
         """Reset the random state of the pipeline (``None``: non-deterministic)."""
@@ -149,6 +154,9 @@ class RegionTransform:
         if alpha is not None:
             result["alpha"] = (torch.from_numpy(np.asarray(out["alpha"], np.float32))[None] - ALPHA_MEAN) / ALPHA_STD
         result["orig_size"] = (height, width)
+        if self.keep_original:
+            result["original"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            result["original_masks"] = torch.from_numpy(masks[keep]).reshape(-1, height, width)
         return result
 
 
@@ -172,6 +180,7 @@ def build_transform(
     scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = False,
     antialias: bool = True,
+    keep_original: bool = False,
 ) -> RegionTransform:
     """Build the joint image/mask/box/alpha transform for a backbone's preprocessing.
 
@@ -191,10 +200,13 @@ def build_transform(
             ``area_for_downscale="image"``). OpenCV's cubic/linear resize does not antialias, unlike the PIL /
             torchvision resize CLIP models were trained with; area downscaling is much closer to the latter.
             Upscaling always uses ``spec.interpolation``; masks and alpha always use nearest.
+        keep_original: see :class:`RegionTransform` (eval transforms only).
 
     Returns:
         A :class:`RegionTransform`.
     """
+    if keep_original and train:
+        raise ValueError("keep_original is for evaluation transforms (train=False)")
     if mode not in ("squash", "shortest_crop"):
         raise ValueError(f"unknown mode {mode!r}; expected 'squash' or 'shortest_crop'")
     lo, hi = scale
@@ -224,4 +236,4 @@ def build_transform(
         additional_targets={"alpha": "mask"},
         seed=seed,
     )
-    return RegionTransform(compose, size)
+    return RegionTransform(compose, size, keep_original=keep_original)

@@ -5,7 +5,7 @@ from .grad_attention import GradAttention, grad_attention_maps
 from .gradcam import GradCAM
 from .legrad import LeGrad
 from .rollout import AttentionRollout
-from .score_cam import ScoreCAM, VLScore, prompt_targets
+from .score_cam import ScoreCAM, VLScore, VLScoreAuthors, prompt_targets
 
 __all__ = [
     "AttentionRollout",
@@ -16,6 +16,7 @@ __all__ = [
     "MaskInversionMaps",
     "ScoreCAM",
     "VLScore",
+    "VLScoreAuthors",
     "grad_attention_maps",
     "min_max",
     "prompt_targets",

@@ -29,8 +29,15 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
     return rec
 
 
-def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor) -> torch.Tensor:
-    """LeGrad's per-layer image feature: ``normalize(head(mean over all tokens))``, ``[B, T, C] -> [B, D]``."""
+def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """LeGrad's per-layer image feature, ``[B, T, C] -> [B, D]``.
+
+    ``pooling="mean"``: ``normalize(head(mean over all tokens))``, as the official LeGrad. ``"model"``: the model's
+    own pooling and projection (``backbone.pool_tokens``: the [CLS] token for CLIP ViTs, the patch mean for
+    average-pooled ones), so the score follows the route the model classifies through.
+    """
+    if pooling == "model":
+        return F.normalize(backbone.pool_tokens(block_out), dim=-1)
     return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
 
 
@@ -45,15 +52,22 @@ class LeGrad(Explainer):
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
         eps: floor of the min-max range (a constant map becomes zeros instead of NaN).
+        pooling: ``"mean"`` (official: the mean of all tokens through the head) or ``"model"`` (the model's own
+            pooling and projection, see :func:`legrad_layer_features`). On a [CLS]-pooled CLIP the mean-token route
+            can carry little class information (issue 13); ``"model"`` scores through the route the model uses.
+            Only ``"mean"`` has MaskInversion's fast decomposed strategies; ``"model"`` runs the autograd path.
     """
 
     differentiable = True
 
-    def __init__(self, layers: Sequence[int] = (-1,), eps: float = 1e-12) -> None:
+    def __init__(self, layers: Sequence[int] = (-1,), eps: float = 1e-12, pooling: str = "mean") -> None:
         if not layers:
             raise ValueError("LeGrad needs at least one layer")
+        if pooling not in ("mean", "model"):
+            raise ValueError(f"pooling must be 'mean' or 'model', got {pooling!r}")
         self.layers = tuple(int(layer) for layer in layers)
         self.eps = float(eps)
+        self.pooling = pooling
 
     def explain(
         self,
@@ -77,7 +91,7 @@ class LeGrad(Explainer):
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
-                score = (targets * legrad_layer_features(backbone, record.out)).sum()
+                score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
                 (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]

@@ -25,7 +25,7 @@ class MaskInversionMaps(MaskInversionEmbedding):
     """
 
     def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return MaskInversion(backbone, **self.config)(image, masks).maps
+        return MaskInversion(backbone, explainer=self.explainer, **self.config)(image, masks).maps
 
     def __repr__(self) -> str:
         return f"MaskInversionMaps({self.config})"

@@ -27,7 +27,7 @@ from ..text import encode_prompts
 from .base import Explainer, min_max
 from .gradcam import layer_activations, upsample
 
-__all__ = ["ScoreCAM", "VLScore", "prompt_targets"]
+__all__ = ["ScoreCAM", "VLScore", "VLScoreAuthors", "prompt_targets"]
 
 BASELINES = ("mean", "blur")
 
@@ -235,3 +235,31 @@ class VLScore(ScoreCAM):
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", baseline={self.baseline!r})"
+
+
+class VLScoreAuthors(VLScore):
+    """VL-Score with the choices of the VL-Score authors' code instead of ours, for a side-by-side comparison.
+
+    The channel softmax at temperature 1 (ours: 0.01), and for boxes 4-connected components with every component a
+    candidate box (ours: the largest 8-connected component). :class:`~regionembed.modules.LocalizationModule`
+    reads ``box_connectivity`` and ``every_component`` from the explainer; with ``every_component`` a query is
+    scored with the component box that best matches its ground truth, which is what "every component is a box"
+    means for a GT-known metric (optimistic next to one box per map). Logged as ``vlscore_authors``.
+
+    Args: as :class:`VLScore`, with ``temperature`` defaulting to 1.
+    """
+
+    name = "vlscore_authors"
+    box_connectivity = 4
+    every_component = True
+
+    def __init__(
+        self,
+        layer: int | str | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 32,
+        max_channels: int | None = 256,
+        baseline: str = "mean",
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__(layer, temperature, batch_size, max_channels, baseline, eps)

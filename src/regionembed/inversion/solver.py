@@ -100,6 +100,10 @@ class InversionResult:
         loss_history: ``[iterations + 1]`` total loss before each step and, last, of the returned embeddings.
         mask_loss: ``[N]`` per-mask Dice loss of the returned embeddings.
         strategy: the map strategy that ran.
+        image_embedding: ``[1, D]`` the image's embedding (the starting point).
+        embedding_history: ``[iterations + 1, N, D]`` the tokens before each step and, last, the returned ones.
+        mask_loss_history: ``[iterations + 1, N]`` per-mask Dice loss of the same tokens (diagnostics: how accuracy
+            and Dice move together over the optimisation, issue 13).
     """
 
     embeddings: torch.Tensor
@@ -108,6 +112,8 @@ class InversionResult:
     mask_loss: torch.Tensor
     strategy: str
     image_embedding: torch.Tensor = field(repr=False, default=None)
+    embedding_history: torch.Tensor = field(repr=False, default=None)
+    mask_loss_history: torch.Tensor = field(repr=False, default=None)
 
 
 class MaskInversion:
@@ -130,7 +136,7 @@ class MaskInversion:
                 f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
                 "use a differentiable explainer such as LeGrad"
             )
-        if isinstance(explainer, LeGrad):
+        if isinstance(explainer, LeGrad) and explainer.pooling == "mean":  # the official LeGrad: fast strategies
             self.config = MaskInversionConfig(**{**self.config.__dict__, "layers": explainer.layers})
             explainer = None
         self.explainer = explainer
@@ -202,13 +208,15 @@ class MaskInversion:
                 loss = loss + cfg.alpha * (1 - (target * e).sum(-1)).mean()
             return loss, maps, per_mask
 
-        history = []
+        history, tokens, dice = [], [], []
         try:
             with torch.enable_grad():
                 for _ in range(cfg.iterations):
-                    loss, _, _ = loss_of(let)
+                    loss, _, step_dice = loss_of(let)
                     if not torch.isfinite(loss):
                         raise FloatingPointError("MaskInversion loss became NaN/inf; check the image and the backbone")
+                    tokens.append(let.detach().clone())
+                    dice.append(step_dice.detach())
                     let.grad = strategy.gradient(loss, let)
                     optimizer.step()
                     history.append(loss.detach())
@@ -217,6 +225,8 @@ class MaskInversion:
         finally:
             strategy.close()
         history.append(loss.detach())
+        tokens.append(let.detach())
+        dice.append(per_mask.detach())
         return InversionResult(
             embeddings=let.detach(),
             maps=maps.detach(),
@@ -224,6 +234,8 @@ class MaskInversion:
             mask_loss=per_mask.detach(),
             strategy=strategy.name,
             image_embedding=strategy.image_embedding.detach(),
+            embedding_history=torch.stack(tokens),
+            mask_loss_history=torch.stack(dice),
         )
 
     def __repr__(self) -> str:

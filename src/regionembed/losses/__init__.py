@@ -1,7 +1,7 @@
 """Losses shared by the methods (plain torch, no Lightning)."""
 
 from .attention import attention_loss, energy_outside_loss
-from .contrastive import ClipLoss, composed_info_nce, gather_features, masked_contrastive_loss
+from .contrastive import ClipLoss, composed_info_nce, gather_features, masked_contrastive_loss, multi_positive_clip_loss
 from .dice import dice_loss
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "energy_outside_loss",
     "gather_features",
     "masked_contrastive_loss",
+    "multi_positive_clip_loss",
 ]

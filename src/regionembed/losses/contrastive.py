@@ -1,4 +1,5 @@
-"""Contrastive losses (plain torch; no Lightning): CLIP's, Alpha-CLIP's masked variant, composed retrieval's InfoNCE.
+"""Contrastive losses (plain torch; no Lightning): CLIP's, Alpha-CLIP's masked variant, composed retrieval's InfoNCE,
+and a multi-positive InfoNCE for batches where several images share a caption.
 
 The gathering across ranks is open_clip's (``open_clip.loss.gather_features``, ``ClipLoss``), reached only from here
 so that the LightningModules never import open_clip.
@@ -13,7 +14,7 @@ from open_clip.loss import ClipLoss, gather_features
 
 from ..distributed import world
 
-__all__ = ["ClipLoss", "composed_info_nce", "gather_features", "masked_contrastive_loss"]
+__all__ = ["ClipLoss", "composed_info_nce", "gather_features", "masked_contrastive_loss", "multi_positive_clip_loss"]
 
 
 def masked_contrastive_loss(
@@ -76,3 +77,29 @@ def composed_info_nce(query: torch.Tensor, target: torch.Tensor, logit_scale: to
     logits = logit_scale * query @ all_targets.T
     labels = torch.arange(query.shape[0], device=query.device) + offset
     return F.cross_entropy(logits, labels)
+
+
+def multi_positive_clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE whose targets spread evenly over every pair with the same caption.
+
+    CLIP's loss takes the diagonal as the only positive, so two images captioned "a red circle" in one batch push each
+    other's captions away. When captions repeat (single-object scenes of a few dozen classes) that noise dominates;
+    here the target of row ``i`` is uniform over ``{j : groups[j] == groups[i]}`` (SupCon-style, as in UniCL). With
+    all groups distinct it equals open_clip's ``ClipLoss``.
+
+    Args:
+        image: ``[N, D]`` L2-normalised image features.
+        text: ``[N, D]`` L2-normalised text features of the captions.
+        logit_scale: scalar, the (already exponentiated) temperature inverse.
+        groups: ``[N]`` integer caption ids (equal ids = equal captions).
+    """
+    if image.shape != text.shape or groups.shape != image.shape[:1]:
+        raise ValueError(f"image {tuple(image.shape)}, text {tuple(text.shape)}, groups {tuple(groups.shape)} differ")
+    logits = logit_scale * image @ text.T  # [N, N]
+    same = (groups[:, None] == groups[None, :]).to(logits.dtype)
+    target = same / same.sum(1, keepdim=True)  # symmetric, so the same for both directions
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target * logits.T.log_softmax(1)).sum(1).mean()
+    return (i2t + t2i) / 2

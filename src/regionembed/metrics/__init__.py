@@ -27,7 +27,7 @@ Functional counterparts live in :mod:`regionembed.metrics.functional` (``region_
 """
 
 from . import functional
-from .classification import RegionAccuracy
+from .classification import IterationCurve, RegionAccuracy
 from .explanation import ExplainerLocalization, LocalizationQueries, class_score_curves, localization_queries
 from .faithfulness import ContrastiveDeletionGap, DeletionInsertionAUC
 from .functional import auc, contrastive_deletion_gap, deletion_insertion_curves
@@ -39,6 +39,7 @@ __all__ = [
     "ContrastiveDeletionGap",
     "DeletionInsertionAUC",
     "ExplainerLocalization",
+    "IterationCurve",
     "LocalizationQueries",
     "MapMaskAgreement",
     "MaxBoxAccV2",

@@ -10,7 +10,7 @@ from torchmetrics import Metric
 
 from .functional import _check_top_k, _region_accuracy_compute, _region_accuracy_update
 
-__all__ = ["RegionAccuracy"]
+__all__ = ["IterationCurve", "RegionAccuracy"]
 
 
 class RegionAccuracy(Metric):
@@ -61,3 +61,38 @@ class RegionAccuracy(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"top{k}", "mean_class_top{k}"}`` scalar fractions in [0, 1] (NaN before any update)."""
         return _region_accuracy_compute(self.correct, self.count, self.top_k)
+
+
+class IterationCurve(Metric):
+    """Top-1 region accuracy and mean Dice loss at every iteration of an optimisation (e.g. MaskInversion).
+
+    ``update(logits [T, N, C], labels [N], dice [T, N])``; ``compute()`` returns ``{"top1": [T], "dice": [T]}``.
+    States are sums reduced across processes, so the curves over several ranks equal those of one.
+
+    Args:
+        steps: ``T``, the number of recorded iterations (``iterations + 1`` for MaskInversion).
+    """
+
+    full_state_update = False
+
+    def __init__(self, steps: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = int(steps)
+        self.add_state("correct", torch.zeros(self.steps, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("dice", torch.zeros(self.steps, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, dice: torch.Tensor) -> None:
+        if logits.ndim != 3 or logits.shape[0] != self.steps or logits.shape[1] != labels.shape[0]:
+            raise ValueError(f"logits must be [{self.steps}, N, C] for {labels.shape[0]} labels, got {logits.shape}")
+        if dice.shape != logits.shape[:2]:
+            raise ValueError(f"dice must be {list(logits.shape[:2])}, got {list(dice.shape)}")
+        self.correct += (logits.argmax(-1) == labels[None]).sum(1).double()
+        self.dice += dice.sum(1).double()
+        self.total += labels.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        total = self.total.clamp_min(1)
+        return {"top1": self.correct / total, "dice": self.dice / total}

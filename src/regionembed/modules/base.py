@@ -32,6 +32,8 @@ class RegionMethodsModule(L.LightningModule):
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")
+        if any("." in n for n in names):  # they key torch ModuleDicts of metrics
+            raise ValueError(f"method names must not contain '.', got {names}")
 
     def train(self, mode: bool = True):
         super().train(mode)

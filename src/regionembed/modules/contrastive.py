@@ -6,7 +6,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..backbones.base import Backbone
 from ..io import save_safetensors
-from ..losses import ClipLoss
+from ..losses import ClipLoss, multi_positive_clip_loss
 
 __all__ = ["ContrastiveModule", "check_optimizer_settings", "cosine_with_warmup", "param_groups"]
 
@@ -77,6 +77,10 @@ class ContrastiveModule(L.LightningModule):
         betas: AdamW betas.
         export_path: when set, the backbone's weights are written there (safetensors, atomic) at the end of fit, so
             any module can load them with ``OpenCLIPBackbone(..., pretrained=export_path)``.
+        multi_positive: images whose captions are identical (after tokenisation, across all ranks) are positives of
+            each other (:func:`~regionembed.losses.multi_positive_clip_loss`) instead of negatives; needed when
+            captions repeat within a batch, e.g. single-object scenes of a few dozen classes.
+        export_dtype: ``"float32"`` or ``"float16"`` (half the file; what the shipped zoo weights use).
     """
 
     def __init__(
@@ -87,6 +91,8 @@ class ContrastiveModule(L.LightningModule):
         warmup_steps: int = 100,
         betas: tuple[float, float] = (0.9, 0.98),
         export_path: str | None = None,
+        multi_positive: bool = False,
+        export_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         super().__init__()
         check_optimizer_settings(lr=lr, warmup_steps=warmup_steps)
@@ -103,22 +109,33 @@ class ContrastiveModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone.train()  # adapters are built in eval mode for inference; training wants dropout etc. on
 
-    def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = self.backbone.encode_image(batch["image"], normalize=True)
         tokens = self.backbone.tokenize(batch["caption"]).to(self.device)
         text = self.backbone.encode_text(tokens, normalize=True)
-        return image, text
+        return image, text, tokens
+
+    def _multi_positive_loss(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:  # the whole global batch, gradients flowing back to every rank's features
+            image = self.all_gather(image, sync_grads=True).flatten(0, 1)
+            text = self.all_gather(text, sync_grads=True).flatten(0, 1)
+            tokens = self.all_gather(tokens).flatten(0, 1)
+        groups = torch.unique(tokens, dim=0, return_inverse=True)[1]  # equal token rows = equal captions
+        return multi_positive_clip_loss(image, text, self.backbone.logit_scale.exp(), groups)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, text = self._features(batch)
+        image, text, tokens = self._features(batch)
         scale = self.backbone.logit_scale.exp()
-        loss = self.loss_fn(image, text, scale)
+        if self.hparams.multi_positive:
+            loss = self._multi_positive_loss(image, text, tokens)
+        else:
+            loss = self.loss_fn(image, text, scale)
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
         self.log("train/logit_scale", scale, batch_size=image.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        image, text = self._features(batch)
+        image, text, _ = self._features(batch)
         logits = self.backbone.logit_scale.exp() * image @ text.T
         labels = torch.arange(len(image), device=self.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -152,9 +169,9 @@ class ContrastiveModule(L.LightningModule):
     @rank_zero_only
     def _export(self) -> None:
         path = Path(self.hparams.export_path)
-        save_safetensors(
-            self.backbone.export_state_dict(), path, metadata={"model_name": getattr(self.backbone, "model_name", "")}
-        )
+        dtype = {"float32": torch.float32, "float16": torch.float16}[self.hparams.export_dtype]
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.backbone.export_state_dict().items()}
+        save_safetensors(state, path, metadata={"model_name": getattr(self.backbone, "model_name", "")})
         log.info("exported backbone weights to %s", path)
 
     def on_fit_end(self) -> None:

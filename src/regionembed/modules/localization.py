@@ -213,8 +213,15 @@ class LocalizationModule(L.LightningModule):
         self.backbone.eval()
         return self
 
-    def _evaluator(self) -> ExplainerLocalization:
-        return ExplainerLocalization(top_k=self.top_k, **{k: self.hparams[k] for k in _EVALUATOR_ARGS})
+    def _evaluator(self, name: str) -> ExplainerLocalization:
+        # an explainer may carry its own box protocol (VLScoreAuthors: 4-connected, every component a candidate)
+        explainer = self.explainers.get(name)
+        return ExplainerLocalization(
+            top_k=self.top_k,
+            box_connectivity=int(getattr(explainer, "box_connectivity", 8)),
+            every_component=bool(getattr(explainer, "every_component", False)),
+            **{k: self.hparams[k] for k in _EVALUATOR_ARGS},
+        )
 
     def setup(self, stage: str) -> None:
         if self.class_names is None:
@@ -222,7 +229,7 @@ class LocalizationModule(L.LightningModule):
             self.class_names = list(getattr(datamodule, "class_names", None) or [])
             if not self.class_names:
                 raise ValueError("LocalizationModule needs class_names (or a data module that has them)")
-        self.metrics = torch.nn.ModuleDict({name: self._evaluator() for name in self.method_names})
+        self.metrics = torch.nn.ModuleDict({name: self._evaluator(name) for name in self.method_names})
         self.classification = RegionAccuracy(num_classes=len(self.class_names), top_k=self.top_k)
 
     def text_embeddings(self) -> torch.Tensor:

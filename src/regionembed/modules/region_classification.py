@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones.base import Backbone
 from ..io import save_json
-from ..metrics import RegionAccuracy
+from ..metrics import IterationCurve, RegionAccuracy
 from ..regions import RegionEmbedder
 from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
 from .base import RegionMethodsModule
@@ -46,6 +46,10 @@ class RegionClassificationModule(RegionMethodsModule):
         class_names: class prompts; by default taken from the data module's ``class_names``.
         templates: prompt templates averaged per class.
         results_path: also write ``{method: {metric: value}}`` there as JSON (rank zero, atomic).
+        curves: for methods that optimise (MaskInversion: ``embed_history``), also record top-1 accuracy and the
+            mean Dice loss at every iteration; printed, and written under ``"curves"`` in the results JSON
+            (``{method: {"top1": [...], "dice": [...]}}``, index 0 = before the first step). Costs nothing extra:
+            the history comes with the final embedding.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class RegionClassificationModule(RegionMethodsModule):
         class_names: list[str] | None = None,
         templates: list[str] | None = None,
         results_path: str | None = None,
+        curves: bool = False,
     ) -> None:
         super().__init__(backbone, methods)
         self.save_hyperparameters(ignore=["backbone", "methods"])
@@ -63,6 +68,7 @@ class RegionClassificationModule(RegionMethodsModule):
         self.metrics: torch.nn.ModuleDict | None = None
         self.results: dict[str, dict[str, float]] = {}
         self.text_cache = TextEmbeddingCache(self.templates)
+        self.curves: dict[str, dict[str, list[float]]] = {}
 
     def setup(self, stage: str) -> None:
         if self.class_names is None:
@@ -73,13 +79,31 @@ class RegionClassificationModule(RegionMethodsModule):
         self.metrics = torch.nn.ModuleDict(
             {m.name: RegionAccuracy(num_classes=len(self.class_names), top_k=(1, 5)) for m in self.methods}
         )
+        self.curve_metrics = torch.nn.ModuleDict(
+            {
+                m.name: IterationCurve(int(m.config["iterations"]) + 1)
+                for m in self.methods
+                if self.hparams.curves and hasattr(m, "embed_history")
+            }
+        )
 
     def text_embeddings(self) -> torch.Tensor:
         return self.text_cache(self.backbone, self.class_names, self.device)
 
-    def region_logits(self, method: RegionEmbedder, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_original_image(self) -> bool:
+        """Whether a method crops from the original pixels: the data module then keeps them (``original``)."""
+        return any(getattr(m, "needs_original_image", False) for m in self.methods)
+
+    def region_logits(
+        self,
+        method: RegionEmbedder,
+        image: torch.Tensor,
+        masks: torch.Tensor,
+        original: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``[N, C]`` scaled cosine logits of the regions ``masks`` of ``image`` for one method."""
-        emb = F.normalize(method(self.backbone, image, masks), dim=-1)
+        emb = F.normalize(method(self.backbone, image, masks, original=original), dim=-1)
         return self.backbone.logit_scale.exp() * emb @ self.text_embeddings().T
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -89,8 +113,17 @@ class RegionClassificationModule(RegionMethodsModule):
             if not keep.any():
                 continue
             masks, labels = batch["masks"][keep], batch["labels"][keep]
+            original = (batch["original"][b], batch["original_masks"][b]) if "original" in batch else None
             for method in self.methods:
-                self.metrics[method.name].update(self.region_logits(method, batch["image"][b], masks), labels)
+                if method.name in self.curve_metrics:
+                    tokens, dice = method.embed_history(self.backbone, batch["image"][b], masks)
+                    emb = F.normalize(tokens, dim=-1)
+                    curve = self.backbone.logit_scale.exp() * emb @ self.text_embeddings().T  # [T, N, C]
+                    self.curve_metrics[method.name].update(curve, labels, dice)
+                    logits = curve[-1]
+                else:
+                    logits = self.region_logits(method, batch["image"][b], masks, original=original)
+                self.metrics[method.name].update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
         self.results = {}
@@ -101,5 +134,17 @@ class RegionClassificationModule(RegionMethodsModule):
                 self.log(f"test/{name}/{key}", value, rank_zero_only=True)
             metric.reset()
         rank_zero_info("\nRegion classification (%):\n" + comparison_table(self.results))
+        self.curves = {}
+        for name, metric in self.curve_metrics.items():
+            self.curves[name] = {k: [float(x) for x in v] for k, v in metric.compute().items()}
+            metric.reset()
+            rows = "\n".join(
+                f"| {i} | {100 * t:.1f} | {d:.3f} |"
+                for i, (t, d) in enumerate(zip(self.curves[name]["top1"], self.curves[name]["dice"], strict=True))
+            )
+            rank_zero_info(f"\n{name} per iteration:\n| iteration | top1 | dice loss |\n|---|---|---|\n{rows}")
         if self.hparams.results_path and self.trainer.is_global_zero:
-            save_json({"class_names": self.class_names, "results": self.results}, self.hparams.results_path)
+            payload = {"class_names": self.class_names, "results": self.results}
+            if self.curves:
+                payload["curves"] = self.curves
+            save_json(payload, self.hparams.results_path)
