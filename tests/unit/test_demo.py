@@ -129,22 +129,17 @@ def test_missing_weights_and_offline_hub_fail_fast(tmp_path, monkeypatch):
         core.load_model(core.ModelSpec("no-such-model", None))
 
 
-def test_project_model_is_never_trained_by_the_demo(tmp_path, monkeypatch):
-    """``regionembed:clip_synthetic`` loads when its weights exist, else fails at once saying how to make them."""
+def test_project_model_is_never_trained_by_the_demo(monkeypatch):
+    """``regionembed:clip_synthetic`` loads the weights shipped in the package; nothing trains."""
     import regionembed.zoo as zoo
 
     def no_training(*args, **kwargs):
         raise AssertionError("the demo started a training run")
 
-    monkeypatch.setattr(zoo.subprocess, "run", no_training)
-    monkeypatch.setenv("REGIONEMBED_HOME", str(tmp_path / "models"))
-    spec = core.ModelSpec("re-small-vit", "regionembed:clip_synthetic")
-    try:
-        backbone = core.load_model(spec)
-    except FileNotFoundError as err:
-        assert "train.py fit" in str(err)
-    else:
-        assert backbone.embed_dim > 0
+    monkeypatch.setattr(zoo, "retrain", no_training)
+    entry = zoo.MODELS["clip_synthetic"]
+    backbone = core.load_model(core.ModelSpec(entry.model_name, "regionembed:clip_synthetic"))
+    assert backbone.weights == "regionembed:clip_synthetic" and backbone.model_name == entry.model_name
 
 
 def test_alpha_methods_only_with_an_alpha_channel(tiny_backbone):

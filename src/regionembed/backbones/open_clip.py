@@ -90,7 +90,7 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
     if pretrained is None or pretrained == "":
         return open_clip.create_model(model_name, pretrained=None)
-    if pretrained.startswith("regionembed:"):  # a model this project trains itself (trained on first use)
+    if pretrained.startswith("regionembed:"):  # a model this project trains itself (weights shipped in the package)
         from ..zoo import resolve
 
         pretrained = resolve(pretrained.split(":", 1)[1], model_name=model_name)

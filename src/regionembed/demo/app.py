@@ -20,6 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import gradio as gr
 import pandas as pd
 
+from .. import zoo
 from ..data.synthetic import SyntheticWorld, WorldConfig
 from ..io import load_image, save_png
 from . import core
@@ -29,7 +30,7 @@ __all__ = ["DemoState", "build_app", "launch", "model_spec"]
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SYNTHETIC = "Synthetic CLIP (project-trained, re-small-vit)"
+SYNTHETIC = f"Synthetic CLIP (project-trained, {zoo.MODELS['clip_synthetic'].model_name})"
 TINY = "Tiny random model (re-tiny-vit, for smoke tests)"
 OPEN_CLIP = "open_clip model + local weights file or hub tag"
 MODEL_KINDS = (SYNTHETIC, TINY, OPEN_CLIP)
@@ -43,7 +44,7 @@ region; the table says which prompt each region matches. Everything runs locally
 def model_spec(kind: str, name: str = "", weights: str = "", alpha: str = "") -> core.ModelSpec:
     """The :class:`~regionembed.demo.core.ModelSpec` of the model controls."""
     if kind == SYNTHETIC:
-        return core.ModelSpec("re-small-vit", "regionembed:clip_synthetic")
+        return core.ModelSpec(zoo.MODELS["clip_synthetic"].model_name, "regionembed:clip_synthetic")
     if kind == TINY:
         return core.ModelSpec("re-tiny-vit", None)
     if kind != OPEN_CLIP:
@@ -87,8 +88,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
             spec = model_spec(kind, name, weights, alpha)
             backbone = core.load_model(spec, state.device)
         except Exception as err:  # shown in the page; the server keeps serving
-            hint = " Meanwhile, choose the tiny random model or an open_clip model." if kind == SYNTHETIC else ""
-            return _error(err) + hint
+            return _error(err)
         size = backbone.preprocess.size
         note = " **Random weights: maps and probabilities are meaningless.**" if spec.random else ""
         alpha_note = " Alpha channel: yes (alpha region methods available)." if backbone.alpha_embed is not None else ""

@@ -33,6 +33,7 @@ from ..boxes import maps_to_boxes
 from ..callbacks.writer import write_inversion
 from ..data.folder import ImageMaskDataset
 from ..explainers import GradCAM, LeGrad, ScoreCAM, VLScore
+from ..explainers.base import Explainer
 from ..io import atomic_write, load_image, mask_from_pil, save_png
 from ..modules.mask_inversion import MaskInversionModule
 from ..regions import (
@@ -131,18 +132,14 @@ _MODELS_LOCK = threading.Lock()
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Backbone:
     """The backbone of ``spec``, built once per process and cached (frozen, eval mode).
 
-    A ``regionembed:<name>`` model must already be cached or shipped: the demo never starts a training run (the
-    error says how to make the weights). Other errors are the library's: unknown model, missing weights file, hub
-    unreachable offline (:class:`~regionembed.backbones.weights.PretrainedWeightsUnavailable`).
+    A ``regionembed:<name>`` model loads the weights shipped in the package (the demo never trains). Errors are the
+    library's: unknown model, missing weights file, hub unreachable offline
+    (:class:`~regionembed.backbones.weights.PretrainedWeightsUnavailable`).
     """
     with _MODELS_LOCK:
         if spec in _MODELS:
             return _MODELS[spec]
         pretrained = spec.pretrained or None
-        if pretrained and pretrained.startswith("regionembed:"):
-            from ..zoo import resolve
-
-            pretrained = resolve(pretrained.split(":", 1)[1], model_name=spec.model_name, train=False)
         if spec.random:
             torch.manual_seed(0)  # the CLI seeds with seed_everything: 0 before building the model
         backbone = OpenCLIPBackbone(spec.model_name, pretrained=pretrained, alpha_checkpoint=spec.alpha_checkpoint)
@@ -360,8 +357,11 @@ def explainer_maps(
     saved as overlays with the box of each map (threshold 0.6 of the map's maximum, largest component); VL-Score
     maps carry its present / "not present" verdict."""
     explainer = EXPLAINERS[name](layers)
-    maps = explainer(backbone, tensor[None].to(text.device), text).detach().cpu()  # [P, S, S]
-    present = getattr(explainer, "last_present", None)
+    maps, found_all = explainer.explain_with_presence(backbone, tensor[None].to(text.device), text)
+    maps = maps.detach().cpu()  # [P, S, S]
+    # a verdict only from explainers that decide presence (VL-Score); the others always say "present"
+    decides = type(explainer).explain_presence is not Explainer.explain_presence
+    present = found_all.cpu() if decides else None
     scale = (image.width / maps.shape[-1], image.height / maps.shape[-2])
     out = []
     for i, prompt in enumerate(prompts):
