@@ -7,10 +7,13 @@ Run from the repository root. Writes ``docs/example/scene.png`` and one mask per
 ``docs/example/masks/`` (a synthetic test scene the model never saw in training), runs the command README shows::
 
     python infer.py single docs/example/scene.png docs/example/masks/*.png --model synthetic \
-        --prompts <the 36 class names> --output outputs/example
+        --prompts <the 36 class names> --templates "a {}." --model.init_args.lr=0.1 --output outputs/example
+
+(``a {}.`` is the caption form the synthetic CLIP was trained on, and lr 0.1 the MaskInversion step that works best
+on it: ``scripts/inversion_settings.py``; the official defaults are tuned for ViT-B/16 at 224 px.)
 
 and draws ``docs/overview.png``: the scene, then per region the final MaskInversion map over the image with the
-mask outlined, titled with the region's best prompt and its probability.
+mask outlined, titled with the mask's true class and the best prompt (its probability).
 """
 
 from __future__ import annotations
@@ -58,18 +61,19 @@ def draw_figure(image: Path, out_dir: Path, target: Path) -> None:
     folder = next(out_dir.rglob("manifest.json")).parent
     scene = Image.open(image).convert("RGB")
     side = scene.width * SCALE
-    tiles = [("image", scene)]
+    tiles = [("image\n(a test scene)", scene)]
     for region in manifest["regions"]:
         overlay = Image.open(folder / manifest["files"]["overlays"][region["name"]]).convert("RGB")
         p = region["prompt_probabilities"][region["best_prompt"]]
-        tiles.append((f"{region['best_prompt']} ({p:.2f})", overlay))
-    canvas = Image.new("RGB", (len(tiles) * (side + 8) + 8, side + 40), "white")
+        truth = region["name"].split("_", 1)[-1].replace("_", " ")  # masks are named <index>_<colour>_<shape>
+        tiles.append((f"mask: {truth}\nbest prompt: {region['best_prompt']} ({p:.2f})", overlay))
+    canvas = Image.new("RGB", (len(tiles) * (side + 20) + 8, side + 58), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=18)
+    font = ImageFont.load_default(size=17)
     for i, (title, tile) in enumerate(tiles):
-        x = 8 + i * (side + 8)
-        canvas.paste(tile.resize((side, side), Image.NEAREST), (x, 32))
-        draw.text((x, 6), title, fill="black", font=font)
+        x = 8 + i * (side + 20)
+        canvas.paste(tile.resize((side, side), Image.NEAREST), (x, 50))
+        draw.multiline_text((x, 4), title, fill="black", font=font, spacing=4)
     target.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(target)
 
@@ -91,6 +95,9 @@ def main() -> None:
             args.model,
             "--prompts",
             *classes,
+            "--templates",
+            "a {}.",
+            "--model.init_args.lr=0.1",
             "--output",
             str(args.output),
             "--trainer.enable_progress_bar=false",
