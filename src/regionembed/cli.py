@@ -21,6 +21,7 @@ from .backbones.attention import UnsupportedModelError
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
 from .callbacks.writer import image_folder
+from .io import InputError
 from .outputs import check_output_dir
 
 __all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
@@ -141,8 +142,8 @@ class InferCLI(_RegionembedCLI):
     """``test`` and ``predict`` with inference mode off (MaskInversion optimises inside the loop) and a writer.
 
     A run's ``config.yaml`` goes next to its results (the writer's folder for ``predict``, the folder of the model's
-    ``results_path`` for ``test``) unless ``trainer.default_root_dir`` is set; the end of a run prints where
-    everything was written.
+    ``results_path`` for ``test``, else ``outputs/test``) unless ``trainer.default_root_dir`` is set; the end of a
+    run prints where everything was written.
     """
 
     def __init__(self, *args, flag_names: dict[str, str] | None = None, **kwargs) -> None:
@@ -200,8 +201,10 @@ class InferCLI(_RegionembedCLI):
                 raise ValueError(f"--writer.output_dir: {err}") from err
         if config.trainer.get("default_root_dir") is None:
             results = self._results_path(config)
-            target = Path(results).parent if self.subcommand == "test" and results else config.writer.output_dir
-            config.trainer.default_root_dir = str(target)
+            if self.subcommand == "predict":
+                config.trainer.default_root_dir = str(config.writer.output_dir)
+            else:  # test: next to its results table, or a folder of its own (never the working directory itself)
+                config.trainer.default_root_dir = str(Path(results).parent if results else Path("outputs") / "test")
 
     def _single_summary(self, output_dir: str) -> list[str]:
         """Each region's best prompt, from the manifest of the one image of ``infer.py single``."""
@@ -405,14 +408,20 @@ SINGLE_FLAGS = {
 
 
 def _run(make_cli, argv: Sequence[str] | None):
-    """Run a CLI; from the command line (``argv is None``) user errors print one line and exit with status 2."""
+    """Run a CLI; from the command line (``argv is None``) user errors print one line and exit with status 2.
+
+    User errors: :class:`CLIError` and :class:`~regionembed.io.InputError` (an image or mask found missing or bad
+    while the run reads it). ``REGIONEMBED_DEBUG=1`` shows the traceback instead.
+    """
     quiet_known_noise()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if argv is not None:
         return make_cli(list(argv))
     try:
         return make_cli(None)
-    except CLIError as err:
+    except (CLIError, InputError) as err:  # bad command line, or an input file found bad while the run reads it
+        if os.environ.get("REGIONEMBED_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -21,6 +21,8 @@ from .backbones.base import PreprocessSpec
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "InputError",
+    "MissingInputError",
     "atomic_write",
     "load_image",
     "load_mask",
@@ -32,25 +34,37 @@ __all__ = [
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once at import: changing it later would race with other threads creating files
 
+
+class InputError(ValueError):
+    """A bad input file or folder (unreadable, wrong size, empty, misnamed); the message names it.
+
+    The command lines report it as one ``error:`` line; being a ``ValueError``, callers may catch it as before.
+    """
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file or folder that does not exist (also a ``FileNotFoundError``)."""
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: errors Pillow raises for files it cannot decode (DecompressionBombError derives from Exception only)
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _decode_error(what: str, path: Path, err: Exception) -> ValueError:
+def _decode_error(what: str, path: Path, err: Exception) -> InputError:
     if isinstance(err, Image.DecompressionBombError):
-        return ValueError(
+        return InputError(
             f"{what} {path} is too large to decode safely ({err}); if you trust the file, raise "
             "PIL.Image.MAX_IMAGE_PIXELS before running"
         )
-    return ValueError(f"cannot read {what} {path}: {err}")
+    return InputError(f"cannot read {what} {path}: {err}")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image as RGB; raise ``ValueError`` naming the file if it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise MissingInputError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: truncated or corrupt files fail here, not later in a worker
@@ -71,7 +85,7 @@ def _palette_mask(img: Image.Image, name: str) -> np.ndarray:
     colours = np.unique(np.asarray(rgb).reshape(-1, 3), axis=0)
     indices = np.unique(np.asarray(img))
     if not len(indices) == len(colours) == len(levels):
-        raise ValueError(
+        raise InputError(
             f"{name} is a palette image whose {len(indices)} used indices show {len(colours)} colour(s) and "
             f"{len(levels)} grey level(s): indices that look alike make the region ambiguous; re-save it as a grey "
             "0/255 PNG"
@@ -97,7 +111,7 @@ def _sixteen_bit_mask(arr: np.ndarray, name: str) -> np.ndarray:
             int(top),
         )
         return (arr > 0).astype(np.float32)
-    raise ValueError(
+    raise InputError(
         f"{name} is a 16-bit mask with maximum {top:g}: values must be 0/1, 0/255 or use the full 0-65535 range "
         "(the scale of a soft mask cannot be guessed otherwise); re-save it as an 8-bit 0-255 PNG"
     )
@@ -132,9 +146,9 @@ def mask_from_pil(img: Image.Image, name: str = "mask") -> np.ndarray:
     if arr.max() > 1.0:
         arr = arr / 255.0
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
     if arr.min() < 0 or arr.max() > 1:
-        raise ValueError(f"{name} has values outside [0, 1] after scaling: [{arr.min():g}, {arr.max():g}]")
+        raise InputError(f"{name} has values outside [0, 1] after scaling: [{arr.min():g}, {arr.max():g}]")
     return arr
 
 
@@ -150,7 +164,7 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask not found: {path}")
+        raise MissingInputError(f"mask not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -158,11 +172,11 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise _decode_error("mask", path, err) from err
     if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
-        raise ValueError(
+        raise InputError(
             f"mask {path} is {arr.shape[1]}x{arr.shape[0]} but its image is {size[0]}x{size[1]} (width x height)"
         )
     if arr.max() <= 0:
-        raise ValueError(f"mask {path} is empty (all zeros): there is no region to invert")
+        raise InputError(f"mask {path} is empty (all zeros): there is no region to invert")
     return arr
 
 

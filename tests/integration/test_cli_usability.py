@@ -187,3 +187,52 @@ def test_pretrained_null_on_the_command_line_means_random(region_folder, tmp_pat
             ]
         )
     assert json.loads((out / "a" / "manifest.json").read_text())["weights"] == "random"
+
+
+@pytest.mark.parametrize("bad", ["missing_image", "missing_mask", "small_mask"])
+def test_bad_input_files_found_during_the_run_are_one_line(region_folder, tmp_path, bad):
+    """Images and masks are read while the run goes: their errors are one `error:` line too, not a traceback."""
+    from PIL import Image
+
+    image, mask = region_folder / "images" / "a.png", region_folder / "masks" / "a" / "grey.png"
+    if bad == "missing_image":
+        image = tmp_path / "nope.png"
+    elif bad == "missing_mask":
+        mask = tmp_path / "nope_mask.png"
+    else:
+        mask = tmp_path / "small.png"
+        Image.new("L", (10, 10), 255).save(mask)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "infer.py"),
+            "single",
+            str(image),
+            str(mask),
+            "--model",
+            "tiny",
+            "--output",
+            str(tmp_path / "o"),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(image.name if bad == "missing_image" else mask.name) in errors[0]
+
+
+def test_a_test_run_without_results_keeps_its_config_out_of_other_folders(tmp_path):
+    infer_main(
+        [
+            "test",
+            f"--config={ROOT / 'configs' / 'tests' / 'tiny_region_cls.yaml'}",
+            f"--writer.output_dir={tmp_path / 'predictions'}",
+        ]
+    )
+    assert (tmp_path / "outputs" / "test" / "config.yaml").is_file()
+    assert not (tmp_path / "predictions").exists() and not (tmp_path / "config.yaml").exists()

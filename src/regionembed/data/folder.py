@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..backbones.base import PreprocessSpec
-from ..io import IMAGE_SUFFIXES, load_image, load_mask, preprocess_image
+from ..io import IMAGE_SUFFIXES, InputError, MissingInputError, load_image, load_mask, preprocess_image
 from ..outputs import fingerprint_inputs
 from .samplers import world
 
@@ -45,7 +45,7 @@ def _list_images(folder: Path, what: str) -> list[Path]:
         else:
             others.append(p.name)
     if others:
-        raise ValueError(
+        raise InputError(
             f"{folder} holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} that {what} cannot use: {others}; "
             f"{what} must be image files ({', '.join(IMAGE_SUFFIXES)}, any case): move the others elsewhere"
         )
@@ -54,7 +54,7 @@ def _list_images(folder: Path, what: str) -> list[Path]:
     stems = [p.stem for p in files]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
-        raise ValueError(f"files in {folder} share a name with different suffixes (names must be unique): {clashes}")
+        raise InputError(f"files in {folder} share a name with different suffixes (names must be unique): {clashes}")
     return files
 
 
@@ -69,21 +69,21 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
     images_dir, masks_dir = root / "images", root / "masks"
     for d in (images_dir, masks_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"region folder {root} has no {d.name}/ directory (expected {d})")
+            raise MissingInputError(f"region folder {root} has no {d.name}/ directory (expected {d})")
     images = _list_images(images_dir, "images/")
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+        raise MissingInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
     folded: dict[str, list[str]] = {}
     for p in images:
         folded.setdefault(p.stem.casefold(), []).append(p.name)
     clashes = [names for names in folded.values() if len(names) > 1]
     if clashes:
-        raise ValueError(f"images in {images_dir} have ids that differ only in case (ids must be unique): {clashes}")
+        raise InputError(f"images in {images_dir} have ids that differ only in case (ids must be unique): {clashes}")
     orphans = sorted(
         d.name for d in masks_dir.iterdir() if not d.name.startswith(".") and d.name not in {p.stem for p in images}
     )
     if orphans:
-        raise ValueError(
+        raise InputError(
             f"{masks_dir} has entries that are no image's mask folder (no such image in {images_dir}): {orphans}"
         )
     items = []
@@ -91,7 +91,7 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[Path, list[Path]]]:
         region_dir = masks_dir / image.stem
         masks = _list_images(region_dir, "masks/") if region_dir.is_dir() else []
         if not masks:
-            raise FileNotFoundError(f"no masks for image {image}: expected mask images in {region_dir}/")
+            raise MissingInputError(f"no masks for image {image}: expected mask images in {region_dir}/")
         items.append((image, masks))
     return items
 
@@ -143,7 +143,7 @@ class ImageMaskDataset(Dataset):
         masks = [torch.from_numpy(load_mask(p, size=image.size)) for p in mask_paths]
         names = [p.stem for p in mask_paths]
         if len(set(names)) != len(names):
-            raise ValueError(f"mask names of {image_path} are not unique: {names}")
+            raise InputError(f"mask names of {image_path} are not unique: {names}")
         inputs = fingerprint_inputs(
             image_path.read_bytes(), [(n, p.read_bytes()) for n, p in zip(names, mask_paths, strict=True)]
         )
@@ -205,7 +205,7 @@ class RegionFolderDataModule(L.LightningDataModule):
         ranks = self.trainer.world_size if self.trainer is not None else 1
         if ranks > len(self.dataset):
             if stage == "test":  # metrics are synchronised across ranks: an idle rank would hang the others
-                raise ValueError(
+                raise InputError(
                     f"`test` over {len(self.dataset)} image(s) cannot use {ranks} processes (every process needs at "
                     f"least one image): set --trainer.devices to at most {len(self.dataset)}"
                 )

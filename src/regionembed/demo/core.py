@@ -473,7 +473,8 @@ def run(
 
     Args:
         spec: the model.
-        run_dir: a new folder for this run; everything the run writes goes here.
+        run_dir: a new folder for this run; everything the run writes goes here, and its zip beside it
+            (``<run_dir>.zip``, inside the demo's output folder).
         image: the image (RGB).
         settings: prompts, templates, MaskInversion settings, explainer, region methods.
         brush_layers: painted RGBA layers, one region each (empty layers ignored).
