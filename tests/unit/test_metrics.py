@@ -642,3 +642,30 @@ def test_iteration_curve():
         metric.update(logits[:1], torch.tensor([1, 0]), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="steps"):
         IterationCurve(steps=0)
+
+
+def test_explainer_localization_every_component_picks_the_best_matching_box():
+    """VL-Score authors' protocol: every component is a candidate and the best match to the ground truth counts."""
+    from regionembed.metrics import ExplainerLocalization, localization_queries
+
+    maps = torch.zeros(1, 16, 16)
+    maps[0, 1:9, 1:9] = 1.0  # the largest component, away from the object
+    maps[0, 11:14, 11:14] = 0.9  # a small component on the object
+    maps[0, 9, 9] = 0.9  # touches the large block only diagonally: 8-connected it joins it, 4-connected it does not
+    masks = torch.zeros(1, 16, 16, dtype=torch.bool)
+    masks[0, 11:14, 11:14] = True
+    boxes = torch.tensor([[11.0, 11.0, 14.0, 14.0]])
+    queries = localization_queries(torch.tensor([2.0, 0.0]), torch.tensor([0]), masks, boxes, (1,))
+    image = torch.zeros(1, 3, 16, 16)
+
+    def gt_known(**kwargs) -> float:
+        metric = ExplainerLocalization(faithfulness=False, top_k=(1,), **kwargs)
+        metric.update(image, maps, torch.ones(1, dtype=torch.bool), queries, seconds_per_map=0.0)
+        return float(metric.compute()["gt_known_loc"])
+
+    assert gt_known() == 0.0  # the largest component's box misses the object
+    assert gt_known(every_component=True, box_connectivity=4) == 1.0
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+        ExplainerLocalization(faithfulness=False, box_connectivity=6).update(
+            image, maps, torch.ones(1, dtype=torch.bool), queries, seconds_per_map=0.0
+        )
