@@ -24,6 +24,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
+def _infer_single(cwd, *args: str) -> subprocess.CompletedProcess:
+    """``python infer.py single ARGS`` as a user runs it (a subprocess, offline), from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "infer.py"), "single", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=cwd,
+    )
+
+
 def test_help_lists_single_and_single_help_names_the_models():
     run = subprocess.run(
         [sys.executable, str(ROOT / "infer.py"), "--help"], capture_output=True, text=True, env=_env(), timeout=120
@@ -121,21 +133,8 @@ def test_bad_model_choices_are_named(argv, message):
 
 def test_offline_default_model_is_one_line_naming_the_flag(region_folder, tmp_path):
     masks = region_folder / "masks" / "a"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "infer.py"),
-            "single",
-            str(region_folder / "images" / "a.png"),
-            str(masks / "grey.png"),
-            "--output",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-        cwd=tmp_path,
+    run = _infer_single(
+        tmp_path, str(region_folder / "images" / "a.png"), str(masks / "grey.png"), "--output", str(tmp_path / "o")
     )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and "💡" not in run.stderr + run.stdout
@@ -202,25 +201,7 @@ def test_bad_input_files_found_during_the_run_are_one_line(region_folder, tmp_pa
     else:
         mask = tmp_path / "small.png"
         Image.new("L", (10, 10), 255).save(mask)
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "infer.py"),
-            "single",
-            str(image),
-            str(mask),
-            "--model",
-            "tiny",
-            "--output",
-            str(tmp_path / "o"),
-            *FAST,
-        ],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-        cwd=tmp_path,
-    )
+    run = _infer_single(tmp_path, str(image), str(mask), "--model", "tiny", "--output", str(tmp_path / "o"), *FAST)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(image.name if bad == "missing_image" else mask.name) in errors[0]
