@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
@@ -19,6 +19,7 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
 
     Returns the (already exited) recorder holding the records of ``layers``.
     """
+    require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
@@ -82,6 +83,7 @@ class LeGrad(Explainer):
             and grad mode is on.
         recorder: reuse a recorded forward (``record_layers``) of ``image``, e.g. across optimisation steps.
         """
+        require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
