@@ -10,7 +10,7 @@ from .base import (
     TokenGridBackbone,
     require,
 )
-from .open_clip import TINY_MODELS, OpenCLIPBackbone, OpenCLIPViTBackbone
+from .open_clip import TINY_MODELS, OpenCLIPAttentionPoolBackbone, OpenCLIPBackbone, OpenCLIPViTBackbone
 from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
 from .weights import PretrainedWeightsUnavailable
@@ -23,6 +23,7 @@ __all__ = [
     "Backbone",
     "BlockParts",
     "FeatureMapBackbone",
+    "OpenCLIPAttentionPoolBackbone",
     "OpenCLIPBackbone",
     "OpenCLIPResNetBackbone",
     "OpenCLIPViTBackbone",

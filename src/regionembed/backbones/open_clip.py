@@ -15,13 +15,14 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .alpha import load_alpha_clip_visual
-from .attention import UnsupportedModelError, check_library_versions
-from .base import Backbone, BlockParts, PreprocessSpec, TokenGridBackbone
+from .attention import AttentionRecorder, UnsupportedModelError, check_library_versions
+from .base import AttentionPoolHead, Backbone, BlockParts, PreprocessSpec, TokenGridBackbone
 from .vocab import RemappedTokenizer, read_words, vocabulary_file
 from .weights import (
     hub_offline,
@@ -39,7 +40,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 #: tiny architectures shipped with regionembed for tests and smoke runs (random init only; ``re-tiny-rn`` is a
-#: ModifiedResNet for :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`, the others are ViTs)
+#: ModifiedResNet, ``re-tiny-coca`` a CoCa with an attentional pooler, the others are plain ViTs)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
 #: the CLIP's own scalars, trained with neither tower (``logit_bias``: SigLIP)
@@ -164,6 +165,8 @@ def _adapter_class(model_name: str) -> type:
                 "supported by this version of regionembed"
             ) from err
         return OpenCLIPTimmBackbone
+    if (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("attentional_pool"):
+        return OpenCLIPAttentionPoolBackbone
     return OpenCLIPViTBackbone
 
 
@@ -172,13 +175,14 @@ class OpenCLIPBackbone(Backbone):
 
     ``OpenCLIPBackbone(model_name, ...)`` returns an instance of the adapter subclass that fits the tower open_clip
     builds for ``model_name``: :class:`OpenCLIPViTBackbone` (VisionTransformer),
+    :class:`OpenCLIPAttentionPoolBackbone` (VisionTransformer with CoCa's attentional pooler),
     :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone` (ModifiedResNet) or ``OpenCLIPTimmBackbone`` (a
     timm tower). The subclasses share this constructor; what they have in common (weights, preprocessing from the
     model, the text tower, training parts, the alpha channel) lives here.
 
     Args:
         model_name: any open_clip config name (``open_clip.list_models()``), or a tiny regionembed config
-            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``, ``re-tiny-rn``).
+            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``, ``re-tiny-rn``, ``re-tiny-coca``).
         pretrained: ``None`` for random init, an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
             needs the hub), a local weights file (``.pt/.pth/.bin/.safetensors``, loaded weights-only, or a
             regionembed ``.ckpt``), or ``regionembed:<name>``.
@@ -343,8 +347,11 @@ class OpenCLIPViTBackbone(OpenCLIPBackbone, TokenGridBackbone):
                 f"{self.model_name}: {type(self).__name__} needs an open_clip VisionTransformer image tower, got "
                 f"{type(visual).__name__}; build it with OpenCLIPBackbone({self.model_name!r}), which picks the adapter"
             )
-        if visual.attn_pool is not None:
-            raise UnsupportedModelError(f"{self.model_name}: attentional pooling (CoCa) is not supported")
+        if (visual.attn_pool is not None) != isinstance(self, AttentionPoolHead):
+            raise UnsupportedModelError(
+                f"{self.model_name}: build it with OpenCLIPBackbone({self.model_name!r}), which picks the adapter for "
+                "its pooling (attentional pooler or not)"
+            )
         if not visual.transformer.batch_first:
             raise UnsupportedModelError(f"{self.model_name}: sequence-first transformers are not supported")
         self._patch = int(visual.patch_size[0])
@@ -408,3 +415,48 @@ class OpenCLIPViTBackbone(OpenCLIPBackbone, TokenGridBackbone):
             ls1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
             ls2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
         )
+
+
+class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
+    """An open_clip ``VisionTransformer`` whose embedding comes from CoCa's attentional pooler.
+
+    open_clip's CoCa setup (``attentional_pool: true``): the last block's tokens (all of them, [CLS] included) go
+    through ``AttentionalPooler`` (``Q`` learned queries, ``ln_q``/``ln_k``, cross-attention), then ``ln_post``; the
+    contrastive embedding is the first query's output (``pool_type: "tok"``; ``"avg"``: the mean of the others)
+    times ``proj``. The pooler's attention over the tokens is recorded by
+    :class:`~regionembed.backbones.attention.AttentionRecorder`, which :meth:`attention_pool_embed` uses; LeGrad
+    explains through it. The paper-style ``"parallel"``/``"cascade"`` poolers (open_clip: untested WIP) are refused.
+
+    Built by ``OpenCLIPBackbone("coca_ViT-B-32", ...)``; takes the same arguments.
+    """
+
+    def _init_tower(self, image_size: int | None) -> int:
+        size = super()._init_tower(image_size)
+        visual = self.model.visual
+        if visual.attn_pool_contrastive is not None or visual.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(
+                f"{self.model_name}: only open_clip's original CoCa attentional pooling is supported (attentional_pool "
+                f"true, pool_type 'tok' or 'avg'), not {visual.attn_pool_type or visual.pool_type!r}"
+            )
+        return size
+
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head applied to one token ``[..., C] -> [..., D]``: the pool with all its attention on that token (its
+        value path ``out_proj(v_proj(ln_k(x)))``, the same for every query), then ``ln_post`` and ``proj``."""
+        visual = self.model.visual
+        pool = visual.attn_pool
+        mha = pool.attn
+        w_v = mha.v_proj_weight if not mha._qkv_same_embed_dim else mha.in_proj_weight.chunk(3)[2]
+        b_v = mha.in_proj_bias.chunk(3)[2] if mha.in_proj_bias is not None else None
+        out = mha.out_proj(F.linear(pool.ln_k(pooled), w_v, b_v))
+        out = visual.ln_post(out)
+        return out @ visual.proj if visual.proj is not None else out
+
+    def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.model.visual.attn_pool
+        with AttentionRecorder([pool], [0]) as rec:
+            embedding = self.pool_tokens(tokens)
+        probs = rec.records[0].probs
+        if probs is None:  # the pooler no longer calls its attention module: an open_clip this was not written for
+            raise UnsupportedModelError(f"{self.model_name}: the attentional pooler's attention could not be recorded")
+        return embedding, probs
