@@ -288,13 +288,7 @@ class TokenGridBackbone(Backbone):
 
     def layer_indices(self, layers: Sequence[int]) -> list[int]:
         """Resolve possibly negative block indices to sorted unique non-negative ones."""
-        n = len(self.blocks)
-        out = []
-        for layer in layers:
-            if not -n <= layer < n:
-                raise ValueError(f"layer index {layer} is out of range for a model with {n} blocks")
-            out.append(layer % n)
-        return sorted(set(out))
+        return _resolve_indices(layers, len(self.blocks), "blocks")
 
 
 class AttentionPoolHead(abc.ABC):
@@ -364,13 +358,7 @@ class FeatureMapBackbone(Backbone):
 
     def layer_indices(self, layers: Sequence[int]) -> list[int]:
         """Resolve stage indices (negative allowed) to sorted unique non-negative ones."""
-        n = len(self.stages)
-        out = []
-        for layer in layers:
-            if not -n <= layer < n:
-                raise ValueError(f"layer index {layer} is out of range for a model with {n} stages")
-            out.append(layer % n)
-        return sorted(set(out))
+        return _resolve_indices(layers, len(self.stages), "stages")
 
     def feature_maps(
         self, image: torch.Tensor, layer: int | str = -1, alpha: torch.Tensor | None = None
@@ -392,6 +380,16 @@ class FeatureMapBackbone(Backbone):
     def forward_image(self, image: torch.Tensor) -> torch.Tensor:
         last = self.stages[-1]
         return self.pool_features(self.forward_stages(image, last), last)
+
+
+def _resolve_indices(layers: Sequence[int], n: int, what: str) -> list[int]:
+    """Possibly negative indices into ``n`` blocks or stages -> sorted unique non-negative ones."""
+    out = []
+    for layer in layers:
+        if not -n <= layer < n:
+            raise ValueError(f"layer index {layer} is out of range for a model with {n} {what}")
+        out.append(layer % n)
+    return sorted(set(out))
 
 
 def require(backbone: Backbone, capability: type, method: str, alternative: str | None = None) -> Backbone:

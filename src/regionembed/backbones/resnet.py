@@ -44,24 +44,13 @@ def _explicit_attnpool(pool: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> t
 class OpenCLIPResNetBackbone(OpenCLIPBackbone, FeatureMapBackbone):
     """An open_clip CLIP model with a ``ModifiedResNet`` image tower as a regionembed backbone.
 
-    ``OpenCLIPBackbone("RN50", ...)`` builds this adapter (it takes the same arguments, see
+    ``OpenCLIPBackbone("RN50", ...)`` builds this adapter (it takes the same arguments, model name first, see
     :class:`~regionembed.backbones.open_clip.OpenCLIPBackbone`). Images must have sides that are multiples of the
     total stride (32): :attr:`patch_size` is 32 so that :meth:`check_image` and :meth:`grid_size` describe the
     ``layer4`` grid. At sizes other than the native one the attention pool's positional embedding is resampled
     (bicubic, on the fly, as for ViTs); the model's parameters are never modified. The alpha channel joins after
     ``conv1`` (:attr:`rgb_stem_conv`): ``act1(bn1(conv1(x) + alpha_embed(alpha)))``, as Alpha-CLIP's RN variant.
     """
-
-    def __init__(
-        self,
-        model_name: str = "RN50",
-        pretrained: str | None = None,
-        image_size: int | None = None,
-        cache_dir: str | None = None,
-        alpha_channel: bool = False,
-        alpha_checkpoint: str | None = None,
-    ) -> None:
-        super().__init__(model_name, pretrained, image_size, cache_dir, alpha_channel, alpha_checkpoint)
 
     def _init_tower(self, image_size: int | None) -> int:
         visual = self.model.visual
