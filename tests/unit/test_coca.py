@@ -110,11 +110,11 @@ def _reference_legrad(b, image, targets, layers):
     for layer in b.layer_indices(layers):
         embedding, probs = _reference_pool(b, rec.records[layer].out)
         (grad,) = torch.autograd.grad((targets * F.normalize(embedding, dim=-1)).sum(), probs)
-        relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, 1:].reshape(-1, 1, *grid)
-        total = total + F.interpolate(relevance, scale_factor=b.patch_size, mode="bilinear")[:, 0]
-    flat = total.flatten(1)
+        total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, 1:].reshape(-1, 1, *grid)  # [CLS] column dropped
+    flat = total.flatten(1)  # min-max on the token grid, then bilinear upsampling (the official order)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo)).view_as(total)
+    grid_map = ((flat - lo) / (hi - lo)).view_as(total)
+    return F.interpolate(grid_map, scale_factor=b.patch_size, mode="bilinear")[:, 0]
 
 
 @pytest.mark.parametrize("layers", [(-1,), (0, 1)])

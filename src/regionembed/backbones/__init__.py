@@ -9,6 +9,7 @@ from .base import (
     PreprocessSpec,
     TokenGridBackbone,
     require,
+    uses_attention_pool,
 )
 from .open_clip import TINY_MODELS, OpenCLIPAttentionPoolBackbone, OpenCLIPBackbone, OpenCLIPViTBackbone
 from .resnet import OpenCLIPResNetBackbone
@@ -33,4 +34,5 @@ __all__ = [
     "TokenGridBackbone",
     "UnsupportedModelError",
     "require",
+    "uses_attention_pool",
 ]

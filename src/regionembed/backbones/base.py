@@ -35,6 +35,7 @@ __all__ = [
     "PreprocessSpec",
     "TokenGridBackbone",
     "require",
+    "uses_attention_pool",
 ]
 
 
@@ -301,6 +302,12 @@ class AttentionPoolHead(abc.ABC):
 
     capability = "a backbone with an attention-pool head"
 
+    @property
+    def has_attention_pool(self) -> bool:
+        """Whether this model pools with its attention pool (an adapter class may also carry towers that pool with a
+        [CLS] token, e.g. EVA02 next to SigLIP in the open_clip timm adapter)."""
+        return True
+
     @abc.abstractmethod
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the head (pool, norm, projection) to a block's output tokens, keeping the pool's attention.
@@ -312,8 +319,14 @@ class AttentionPoolHead(abc.ABC):
             ``(embedding [B, D], probs [B, H, Q, T'])``: the embedding as :meth:`TokenGridBackbone.pool_tokens`
             computes it from ``tokens``, and the pool's post-softmax attention of its ``Q`` queries over the
             ``T'`` tokens it attends to, on the autograd graph (a leaf when nothing upstream requires grad).
-            ``T' = T``; the patch tokens are the last ``h * w`` of them.
+            ``T'`` is all ``T`` tokens (prefix first) or only the patch tokens (a pool that skips the prefix); the
+            patch tokens are always the last ``h * w``.
         """
+
+
+def uses_attention_pool(backbone: Backbone) -> bool:
+    """Whether ``backbone`` pools through an attention pool (:class:`AttentionPoolHead` with a pool)."""
+    return isinstance(backbone, AttentionPoolHead) and backbone.has_attention_pool
 
 
 class FeatureMapBackbone(Backbone):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import AttentionPoolHead, Backbone, FeatureMapBackbone, TokenGridBackbone, require
+from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max
 
 __all__ = ["GradCAM", "LayerActivations", "layer_activations", "resolve_layer"]
@@ -112,7 +112,7 @@ def layer_activations(
                 x = source
                 for blk in blocks[layer + 1 :]:
                     x = blk(x)
-            if twice_differentiable and isinstance(backbone, AttentionPoolHead):
+            if twice_differentiable and uses_attention_pool(backbone):
                 embedding = backbone.attention_pool_embed(x)[0]  # the pool's explicit attention, same outputs
             else:
                 embedding = backbone.pool_tokens(x)

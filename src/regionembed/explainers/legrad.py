@@ -8,7 +8,8 @@ Two recipes, as the official implementation has them:
   PE), the official recipe for SigLIP/CoCa: for each explained block ``l``, the *pool* (with its norm and
   projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
   differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
-  and queries, the patch-token columns reshaped to the grid, summed over layers, min-max normalised.
+  and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
+  upsampled bilinearly by the patch size (the official code's order).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import AttentionPoolHead, Backbone, TokenGridBackbone, require
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
-__all__ = ["LeGrad", "attention_pool_relevance", "legrad_layer_features", "record_layers"]
+__all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
 
 
 def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]) -> AttentionRecorder:
@@ -53,29 +54,15 @@ def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: 
     return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
 
 
-def attention_pool_relevance(
-    backbone: AttentionPoolHead, targets: torch.Tensor, block_out: torch.Tensor, create_graph: bool, retain_graph: bool
-) -> torch.Tensor:
-    """LeGrad relevance of one layer through an attention-pool head: ``[B, h*w]`` for the patch tokens.
-
-    ``s = <targets, normalize(pool(block_out))>``; the gradient of ``s`` with respect to the pool's attention
-    probabilities ``[B, H, Q, T]``, ReLU, mean over heads and queries, the last ``h*w`` (patch) columns.
-    """
-    embedding, probs = backbone.attention_pool_embed(block_out)
-    score = (targets * F.normalize(embedding, dim=-1)).sum()
-    (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain_graph)
-    return grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
-
-
 class LeGrad(Explainer):
     """LeGrad, as the official implementation computes it.
 
     For each chosen block ``l``: ``s = <e, normalize(head(mean_tokens(block_l output)))>``; the gradient of ``s`` with
     respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
-    are summed and min-max normalised per map. On a backbone with an attention-pool head the score goes through the
-    pool and the gradient is taken with respect to the pool's attention (:func:`attention_pool_relevance`, the
-    official SigLIP/CoCa recipe; ``pooling`` does not apply there).
+    are summed and min-max normalised per map. On a backbone with an attention-pool head (``pooling="mean"``) the
+    score goes through the pool and the gradient is taken with respect to the pool's attention (the official
+    SigLIP/CoCa recipe, see the module docstring).
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -116,16 +103,30 @@ class LeGrad(Explainer):
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
+        if self.pooling == "mean" and uses_attention_pool(backbone):
+            return self._explain_attention_pool(backbone, rec, layers, targets, grid, create_graph, recorder)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
+                score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
-                if isinstance(backbone, AttentionPoolHead):
-                    relevance = attention_pool_relevance(backbone, targets, record.out, create_graph, retain)
-                else:
-                    score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
-                    (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
-                    relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
+                (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
+                relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)
         return min_max(total, self.eps)
+
+    def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
+        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the module docstring."""
+        total = 0.0
+        with torch.enable_grad():
+            for i, layer in enumerate(layers):
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out)  # probs [B, H, Q, T]
+                score = (targets * F.normalize(embedding, dim=-1)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
+                (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
+                patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
+                total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
+        grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]

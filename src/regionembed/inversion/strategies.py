@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder, UnsupportedModelError
-from ..backbones.base import AttentionPoolHead, Backbone, TokenGridBackbone, require
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer, min_max, relevance_to_map
 from ..explainers.legrad import LeGrad
 
@@ -384,7 +384,7 @@ def decomposition_issue(backbone: Backbone, layers: Sequence[int]) -> str | None
     form of :class:`~regionembed.backbones.base.BlockParts` (``block_parts`` is not ``None``)."""
     if not isinstance(backbone, TokenGridBackbone):
         return f"{type(backbone).__name__} is not a token-grid (vision transformer) backbone"
-    if isinstance(backbone, AttentionPoolHead):  # LeGrad differentiates the pool's attention, not a block's
+    if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention, not a block's
         return "LeGrad explains an attention-pool head through the pool's attention, which the formulas do not cover"
     blocks = backbone.blocks
     for index in sorted({*backbone.layer_indices(layers), len(blocks) - 1}):
