@@ -1,22 +1,38 @@
-"""Backbone adapters (open_clip, timm), the attention recorder and tiny model configs."""
+"""Backbone adapters (open_clip, timm), the capability classes, the attention recorder and tiny model configs."""
 
 from .attention import AttentionRecord, AttentionRecorder, UnsupportedModelError
-from .base import Backbone, BlockParts, PreprocessSpec
-from .open_clip import TINY_MODELS, OpenCLIPBackbone
+from .base import (
+    AttentionPoolHead,
+    Backbone,
+    BlockParts,
+    FeatureMapBackbone,
+    PreprocessSpec,
+    TokenGridBackbone,
+    require,
+    uses_attention_pool,
+)
+from .open_clip import TINY_MODELS, OpenCLIPAttentionPoolBackbone, OpenCLIPBackbone, OpenCLIPViTBackbone
 from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
 from .weights import PretrainedWeightsUnavailable
 
 __all__ = [
     "TINY_MODELS",
+    "AttentionPoolHead",
     "AttentionRecord",
     "AttentionRecorder",
     "Backbone",
     "BlockParts",
+    "FeatureMapBackbone",
+    "OpenCLIPAttentionPoolBackbone",
     "OpenCLIPBackbone",
     "OpenCLIPResNetBackbone",
+    "OpenCLIPViTBackbone",
     "PreprocessSpec",
     "PretrainedWeightsUnavailable",
     "TimmBackbone",
+    "TokenGridBackbone",
     "UnsupportedModelError",
+    "require",
+    "uses_attention_pool",
 ]

@@ -1,4 +1,16 @@
-"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities."""
+"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities.
+
+Two recipes, as the official implementation has them:
+
+* a [CLS]- or mean-pooled ViT: for each explained block ``l``, the score ``<e, normalize(head(mean tokens of
+  block l))>`` is differentiated with respect to block ``l``'s own self-attention probabilities;
+* a model with an attention-pool head (:class:`~regionembed.backbones.base.AttentionPoolHead`: CoCa, SigLIP's "map",
+  PE), the official recipe for SigLIP/CoCa: for each explained block ``l``, the *pool* (with its norm and
+  projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
+  differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
+  and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
+  upsampled bilinearly by the patch size (the official code's order).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
@@ -19,6 +31,7 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
 
     Returns the (already exited) recorder holding the records of ``layers``.
     """
+    require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
@@ -47,7 +60,9 @@ class LeGrad(Explainer):
     For each chosen block ``l``: ``s = <e, normalize(head(mean_tokens(block_l output)))>``; the gradient of ``s`` with
     respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
-    are summed and min-max normalised per map.
+    are summed and min-max normalised per map. On a backbone with an attention-pool head (``pooling="mean"``) the
+    score goes through the pool and the gradient is taken with respect to the pool's attention (the official
+    SigLIP/CoCa recipe, see the module docstring).
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -82,11 +97,14 @@ class LeGrad(Explainer):
             and grad mode is on.
         recorder: reuse a recorded forward (``record_layers``) of ``image``, e.g. across optimisation steps.
         """
+        require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
+        if self.pooling == "mean" and uses_attention_pool(backbone):
+            return self._explain_attention_pool(backbone, rec, layers, targets, grid, create_graph, recorder)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
@@ -97,3 +115,18 @@ class LeGrad(Explainer):
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)
         return min_max(total, self.eps)
+
+    def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
+        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the module docstring."""
+        total = 0.0
+        with torch.enable_grad():
+            for i, layer in enumerate(layers):
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out)  # probs [B, H, Q, T]
+                score = (targets * F.normalize(embedding, dim=-1)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
+                (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
+                patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
+                total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
+        grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["AttentionRollout"]
@@ -40,7 +40,8 @@ class AttentionRollout(Explainer):
 
     @torch.no_grad()
     def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = len(backbone.blocks)  # a ResNet backbone raises NotImplementedError here, naming the alternatives
+        require(backbone, TokenGridBackbone, "Attention rollout", alternative="GradCAM, ScoreCAM or VLScore")
+        n = len(backbone.blocks)
         start = backbone.layer_indices([self.start_layer])[0]
         layers = list(range(start, n))
         # the target is ignored: compute the rollout once per distinct image (a broadcast image counts once)
