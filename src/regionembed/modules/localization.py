@@ -56,13 +56,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones.base import Backbone
+from ..grad_mode import require_grad_mode
 from ..boxes import BoxMode
 from ..explainers import Explainer, LeGrad
 from ..explainers.mask_inversion import MaskInversionMaps
 from ..io import save_json
 from ..metrics import ExplainerLocalization, RegionAccuracy, localization_queries
 from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
-from .mask_inversion import require_grad_mode
 
 # MaskInversionMaps lives in regionembed.explainers; it stays importable from here (its first home)
 __all__ = ["FAITHFULNESS_KEYS", "LOCALIZATION_KEYS", "LocalizationModule", "MaskInversionMaps", "localization_table"]
@@ -190,6 +190,8 @@ class LocalizationModule(L.LightningModule):
         self.mask_inversion = mask_inversion
         if mask_inversion is not None and mask_inversion.name in self.explainers:
             raise ValueError(f"an explainer is already named {mask_inversion.name!r}")
+        if mask_inversion is not None:
+            mask_inversion.solver.check(self.backbone)
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if faithfulness_score not in ("probability", "cosine"):
@@ -246,7 +248,7 @@ class LocalizationModule(L.LightningModule):
         return (self.backbone.logit_scale.exp() * cos).softmax(-1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        require_grad_mode()
+        require_grad_mode("the localization evaluation (gradient explainers, MaskInversion)")
         text = self.text_embeddings()
         images = batch["image"]
         with torch.no_grad():
