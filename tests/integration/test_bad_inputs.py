@@ -30,9 +30,9 @@ from regionembed.cli import infer_main, train_main
 from regionembed.data import RegionFolderDataModule
 from regionembed.data.folder import scan_folder
 from regionembed.data.refcoco import load_refs
-from regionembed.io import load_image, load_mask
 from regionembed.explainers import LeGrad
 from regionembed.inversion import MaskInversion
+from regionembed.io import load_image, load_mask
 from regionembed.modules import MaskInversionModule
 from regionembed.outputs import OutputLock
 from regionembed.text import encode_prompts

@@ -128,7 +128,8 @@ def test_model_pooling_route(tiny_backbone):
     maps = LeGrad(pooling="model").explain(tiny_backbone, image, target)
     assert maps.shape == (2, 32, 32) and not torch.allclose(maps, LeGrad().explain(tiny_backbone, image, target))
     solver = MaskInversion(LeGrad(pooling="model"), iterations=2)
-    assert solver.plan(tiny_backbone, 32, 2) == "explainer"  # the autograd path; only the official route has the fast ones
+    # the autograd path; only the official route has the fast ones
+    assert solver.plan(tiny_backbone, 32, 2) == "explainer"
     masks = torch.zeros(2, 32, 32)
     masks[0, :16], masks[1, 16:] = 1, 1
     emb = MaskInversionEmbedding(solver, name="mi_model")

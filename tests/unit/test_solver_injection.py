@@ -43,7 +43,10 @@ def built():
     maps = {"class_path": "regionembed.explainers.MaskInversionMaps", "init_args": {"solver": solver}}
     return {
         "module": _build(
-            {"class_path": "regionembed.modules.MaskInversionModule", "init_args": {"backbone": BACKBONE, "solver": solver}}
+            {
+                "class_path": "regionembed.modules.MaskInversionModule",
+                "init_args": {"backbone": BACKBONE, "solver": solver},
+            }
         ),
         "regions": _build(
             {

@@ -38,6 +38,7 @@ __all__ = ["GradAttention", "Pooling", "grad_attention_maps"]
 
 Pooling = Literal["legrad", "gradcam"]
 
+
 def grad_attention_maps(
     backbone: Backbone,
     image: torch.Tensor,

@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones.base import Backbone
-from ..grad_mode import require_grad_mode
 from ..boxes import BoxMode
 from ..explainers import Explainer, LeGrad
 from ..explainers.mask_inversion import MaskInversionMaps
+from ..grad_mode import require_grad_mode
 from ..io import save_json
 from ..metrics import ExplainerLocalization, RegionAccuracy, localization_queries
 from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
