@@ -287,6 +287,10 @@ def write_inputs(
 
 
 # ------------------------------------------------------------------------------------------------ a run
+#: the solver's defaults (the official settings), which the demo's controls start from
+OFFICIAL = MaskInversion()
+
+
 @dataclass
 class RunSettings:
     """The knobs of one run (MaskInversion's build a :class:`~regionembed.inversion.MaskInversion` with LeGrad on
@@ -294,10 +298,10 @@ class RunSettings:
 
     prompts: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["{}"])
-    iterations: int = 10
-    lr: float = 0.5
-    strategy: str = "auto"
-    layers: list[int] = field(default_factory=lambda: [-1])
+    iterations: int = OFFICIAL.iterations
+    lr: float = OFFICIAL.lr
+    strategy: str = OFFICIAL.strategy
+    layers: list[int] = field(default_factory=lambda: list(OFFICIAL.explainer.layers))
     explainer: str | None = "LeGrad"
     methods: list[str] = field(default_factory=lambda: ["global", "crop", "masked_crop_grey", "mask_inversion"])
 
