@@ -20,10 +20,11 @@ Protocol (one *query* per image and ground-truth class present in it):
   scored for both classes, ``b`` being the highest-ranked *other class present* in the image, else the
   highest-ranked absent class. The score is the softmax probability over the class prompts (``"probability"``,
   RISE's class probability) or the raw cosine (``"cosine"``).
-* **MaskInversion** (``mask_inversion``): the explanation of a region is the final LeGrad map of its optimised token
-  (the solver's ``maps``), computed *from the ground-truth mask of the query*. Its localization numbers therefore
-  measure how well the token's map reproduces the mask it was fitted to, not detection; its contrastive gap uses
-  the MaskInversion map of ``b``'s mask and is taken only when ``b`` is present in the image.
+* **MaskInversion** (``mask_inversion``): the explanation of a region is the final map of its optimised token
+  (the solver's ``maps``: its explainer's, LeGrad by default), computed *from the ground-truth mask of the query*.
+  Its localization numbers therefore measure how well the token's map reproduces the mask it was fitted to, not
+  detection; its contrastive gap uses the MaskInversion map of ``b``'s mask and is taken only when ``b`` is present
+  in the image.
 * **"Not present".** An explainer may say that a target is absent from an image (VL-Score keeps no channel):
   :meth:`~regionembed.explainers.Explainer.explain_with_presence` returns ``present`` ``[B]`` bool with the maps.
   Such maps count as misses everywhere: no box (IoU 0), a pointing-game miss, IoU/Dice/energy 0, and the fraction is
@@ -137,7 +138,8 @@ class LocalizationModule(L.LightningModule):
     Args:
         backbone: the model (frozen here).
         explainers: explainers to compare (by class path in YAML); default: LeGrad on the last block.
-        mask_inversion: also evaluate MaskInversion's maps of the ground-truth masks (``None``: not).
+        mask_inversion: also evaluate MaskInversion's maps of the ground-truth masks (``None``: not); its ``solver``
+            holds every MaskInversion setting.
         class_names: class prompts in label order; default: the data module's ``class_names``.
         templates: prompt templates averaged per class.
         threshold: box threshold, a fraction of each map's maximum (:func:`~regionembed.boxes.maps_to_boxes`).
