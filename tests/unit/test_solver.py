@@ -1,10 +1,13 @@
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import make_masks
 from regionembed.explainers import Explainer, GradCAM, LeGrad
-from regionembed.inversion import MaskInversion, check_masks
+from regionembed.inversion import STRATEGIES, MaskInversion, check_masks
+from regionembed.inversion.solver import Strategy
 from regionembed.losses import dice_loss
 
 
@@ -33,6 +36,11 @@ def test_defaults_reproduce_the_official_hyper_parameters():
         MaskInversion(lr=0)
     with pytest.raises(ValueError, match="memory_budget_mb=-1"):
         MaskInversion(memory_budget_mb=-1)
+
+
+def test_strategy_type_lists_every_strategy():
+    """The ``Literal`` jsonargparse validates YAML with and the strategy table cannot drift apart."""
+    assert set(typing.get_args(Strategy)) == {"auto", *STRATEGIES}
 
 
 def test_the_old_signature_says_what_changed(tiny_backbone):
