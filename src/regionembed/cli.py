@@ -296,7 +296,7 @@ Models (--model):
   NAME                any open_clip model name (open_clip.list_models()), with --weights TAG_OR_FILE
 
 Anything else is passed on to `infer.py predict` (write --key=value), e.g.
-  --model.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
+  --model.init_args.solver.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
 --config FILE adds YAML fragments on top of the defaults (configs/infer/maskinversion.yaml), in order.
 
 Examples:

@@ -11,22 +11,12 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
+from ..grad_mode import require_grad_mode
 from ..inversion import MaskInversion
 from ..outputs import fingerprint_settings
 from ..text import TextEmbeddingCache
 
-__all__ = ["MaskInversionModule", "require_grad_mode"]
-
-INFERENCE_MODE_MESSAGE = (
-    "MaskInversion optimises embedding tokens with autograd, which torch.inference_mode() forbids. "
-    "Set `trainer.inference_mode: false` (Trainer(inference_mode=False)); the configs in configs/infer/ do."
-)
-
-
-def require_grad_mode() -> None:
-    """Raise a clear error when called under ``torch.inference_mode`` (Lightning's default for test/predict)."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(INFERENCE_MODE_MESSAGE)
+__all__ = ["MaskInversionModule"]
 
 
 class MaskInversionModule(L.LightningModule):
@@ -34,13 +24,9 @@ class MaskInversionModule(L.LightningModule):
 
     Args:
         backbone: the model (e.g. ``OpenCLIPBackbone``); frozen here.
-        layers: LeGrad layers.
-        lr: AdamW learning rate of the tokens.
-        iterations: optimisation steps per image.
-        alpha: weight of the regulariser towards the image embedding.
-        weight_decay: AdamW weight decay.
-        strategy: map strategy (``auto``, ``naive``, ``naive_lean``, ``per_step``, ``precomputed``).
-        memory_budget_mb: largest precomputed table ``auto`` may use.
+        solver: the MaskInversion solver with all its settings (explainer, lr, iterations, strategy, ...); default
+            ``MaskInversion()``, the official settings. In YAML: ``solver: {class_path:
+            regionembed.inversion.MaskInversion, init_args: {...}}``.
         prompts: optional texts each region is matched against (needs a text tower).
         prompt_templates: templates (``"a photo of a {}."``) averaged per prompt; ``["{}"]`` uses prompts as given.
 
@@ -53,13 +39,7 @@ class MaskInversionModule(L.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
-        layers: list[int] | None = None,
-        lr: float = 0.5,
-        iterations: int = 10,
-        alpha: float = 0.0,
-        weight_decay: float = 0.0,
-        strategy: str = "auto",
-        memory_budget_mb: float = 2048.0,
+        solver: MaskInversion | None = None,
         prompts: list[str] | None = None,
         prompt_templates: list[str] | None = None,
     ) -> None:
@@ -68,18 +48,10 @@ class MaskInversionModule(L.LightningModule):
         duplicates = sorted({p for p in prompts if prompts.count(p) > 1})
         if duplicates:  # each prompt is a key of the per-region probabilities: a duplicate would collapse
             raise ValueError(f"prompts must be unique, these occur more than once: {duplicates}")
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", "solver"])
         self.backbone = backbone.requires_grad_(False).eval()
-        self.solver = MaskInversion(
-            backbone,
-            layers=tuple(layers or (-1,)),
-            lr=lr,
-            iterations=iterations,
-            alpha=alpha,
-            weight_decay=weight_decay,
-            strategy=strategy,
-            memory_budget_mb=memory_budget_mb,
-        )
+        self.solver = solver if solver is not None else MaskInversion()
+        self.solver.check(self.backbone)  # a bad setting is found now, not after the data is loaded
         self.prompts = prompts
         self.prompt_templates = list(prompt_templates or ["{}"])
         if any("{}" not in t for t in self.prompt_templates):
@@ -113,6 +85,7 @@ class MaskInversionModule(L.LightningModule):
             settings = {
                 "module": f"{type(self).__module__}.{type(self).__qualname__}",
                 "hparams": dict(self.hparams),
+                "solver": self.solver.settings(),
                 "backbone": f"{type(self.backbone).__qualname__}({self.backbone.extra_repr()})",
                 "preprocess": repr(self.backbone.preprocess),
             }
@@ -121,10 +94,9 @@ class MaskInversionModule(L.LightningModule):
 
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Run MaskInversion on one sample of :class:`~regionembed.data.ImageMaskDataset`; results on CPU."""
-        require_grad_mode()
         image = sample["image"].to(self.device).unsqueeze(0)
         masks = sample["masks"].to(self.device)
-        result = self.solver(image, masks)
+        result = self.solver(self.backbone, image, masks)
         out = {
             "image_id": sample["image_id"],
             "image_path": sample.get("image_path"),
@@ -151,7 +123,7 @@ class MaskInversionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- steps
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
-        require_grad_mode()
+        require_grad_mode("MaskInversion")
         out = []
         for sample in batch:
             if self.skip_sample is not None and self.skip_sample(sample):
@@ -161,7 +133,7 @@ class MaskInversionModule(L.LightningModule):
         return out
 
     def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
-        require_grad_mode()
+        require_grad_mode("MaskInversion")
         results = []
         for sample in batch:
             res = self.invert(sample)
