@@ -17,7 +17,8 @@ def _jet(values: np.ndarray) -> np.ndarray:
 
 
 def overlay_map(image: Image.Image, heatmap: torch.Tensor | np.ndarray, alpha: float = 0.5, mask=None) -> np.ndarray:
-    """Blend a ``[h, w]`` map in [0, 1] (resized to the image) over an RGB image; optionally outline a mask.
+    """Blend a ``[h, w]`` map in [0, 1] (resized to the image) over an RGB image; optionally outline a mask (any
+    resolution of the same uncropped frame, resized to the image).
 
     Returns:
         ``[H, W, 3]`` uint8 array.
@@ -32,6 +33,8 @@ def overlay_map(image: Image.Image, heatmap: torch.Tensor | np.ndarray, alpha: f
     out = (1 - alpha) * base + alpha * _jet(resized)
     if mask is not None:
         m = np.asarray(mask, dtype=np.float32) > 0.5
+        if m.shape != (height, width):  # a mask in the model's S x S frame (squash resize): back to the image's
+            m = np.asarray(Image.fromarray(m).resize((width, height), Image.NEAREST))
         edge = m ^ np.roll(m, 1, 0) | m ^ np.roll(m, 1, 1)
         out[edge] = (1.0, 1.0, 1.0)
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
+from ..data.collate import RegionBatch, image_views
 from ..inversion import MaskInversion
 from ..outputs import fingerprint_settings
 from ..text import TextEmbeddingCache
@@ -46,8 +47,12 @@ class MaskInversionModule(L.LightningModule):
 
     Attributes:
         skip_sample: set by a prediction writer (:class:`~regionembed.callbacks.InversionWriter`): samples for which
-            it returns True are not computed in ``predict_step`` (their result is ``{"image_id", "skipped": True}``),
-            e.g. images whose outputs are already up to date.
+            it returns True are not computed in ``predict_step`` (their result is ``{"image_id", "skipped": True,
+            "reason"}``), e.g. images whose outputs are already up to date.
+
+    Batches are :class:`~regionembed.data.collate.RegionBatch` es from any region data module (folder, synthetic,
+    COCO, RefCOCO, VOC); each image is inverted on its own, against ``original_masks`` when the batch has them (the
+    folder: maps at the image's resolution), else against ``masks`` (``S x S``).
     """
 
     def __init__(
@@ -120,22 +125,30 @@ class MaskInversionModule(L.LightningModule):
         return self._settings_sha256
 
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Run MaskInversion on one sample of :class:`~regionembed.data.ImageMaskDataset`; results on CPU."""
+        """Run MaskInversion on one image of a :class:`~regionembed.data.collate.RegionBatch`; results on CPU.
+
+        Args:
+            sample: one image's view (:func:`~regionembed.data.collate.image_views`): ``image`` ``[3, S, S]``,
+                ``masks`` ``[N, S, S]``, ``region_names``, ``image_id``, and when the data has them
+                ``original_masks`` ``[N, H, W]`` (fitted instead of ``masks``: maps at the image's own resolution),
+                ``image_path`` and ``inputs_sha256``.
+        """
         require_grad_mode()
         image = sample["image"].to(self.device).unsqueeze(0)
-        masks = sample["masks"].to(self.device)
-        result = self.solver(image, masks)
+        target = sample.get("original_masks")
+        target = sample["masks"] if target is None else target
+        result = self.solver(image, target.to(self.device))
         out = {
             "image_id": sample["image_id"],
             "image_path": sample.get("image_path"),
-            "mask_names": list(sample["mask_names"]),
+            "mask_names": list(sample["region_names"]),
             "embeddings": result.embeddings.cpu(),
             "image_embedding": result.image_embedding.cpu(),
             "maps": result.maps.cpu(),
             "loss_history": result.loss_history.cpu(),
             "mask_loss": result.mask_loss.cpu(),
             "strategy": result.strategy,
-            "masks": sample["masks"].cpu(),
+            "masks": target.float().cpu(),
             "inputs_sha256": sample.get("inputs_sha256"),
             "settings_sha256": self.settings_fingerprint(),
             "weights": self.backbone.weights,
@@ -150,20 +163,25 @@ class MaskInversionModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------------------------------- steps
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
+    def predict_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """One result per image of the batch: :meth:`invert`'s, or ``{"image_id", "skipped": True, "reason"}``."""
         require_grad_mode()
         out = []
-        for sample in batch:
-            if self.skip_sample is not None and self.skip_sample(sample):
-                out.append({"image_id": sample["image_id"], "skipped": True})
+        for sample in image_views(batch):
+            if not len(sample["region_names"]):  # e.g. every region cropped away: nothing to invert
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "no region"})
+            elif self.skip_sample is not None and self.skip_sample(sample):
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "up to date"})
             else:
                 out.append(self.invert(sample))
         return out
 
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
+    def test_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         require_grad_mode()
         results = []
-        for sample in batch:
+        for sample in image_views(batch):
+            if not len(sample["region_names"]):
+                continue
             res = self.invert(sample)
             results.append(res)
             masks = res["masks"]
@@ -173,7 +191,7 @@ class MaskInversionModule(L.LightningModule):
             self.test_metrics["mask_dice"].update(1 - res["mask_loss"])
             self.test_metrics["map_iou"].update(inter / union)
             self.test_metrics["loss_drop"].update(res["loss_history"][0] - res["loss_history"][-1])
-        self.log_dict(self.test_metrics, batch_size=len(batch))
+        self.log_dict(self.test_metrics, batch_size=len(batch["image_ids"]))
         return results
 
     def configure_optimizers(self):
