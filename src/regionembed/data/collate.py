@@ -41,7 +41,7 @@ class RegionBatch(TypedDict):
             name for the folder, ``<ann_id>_<text>`` with annotation ids, else ``<index>_<text>``).
         image_ids: ``B`` strings.
         alpha: float32 ``[B, 1, S, S]``, when the samples have an alpha map.
-        ann_ids, iscrowd, difficult: int64 ``[N]``, when the dataset has them.
+        ann_ids, iscrowd, difficult: int64 ``[N]``, when the dataset has them (``-1`` for regions without).
         original_masks: ``B`` tensors ``[N_i, H_i, W_i]``: the regions at the raw image's resolution, uncropped
             (the folder always; other modules when the LightningModule asks for ``needs_original_image``).
             MaskInversion fits its maps to these when present (results at the image's own resolution).
@@ -49,8 +49,9 @@ class RegionBatch(TypedDict):
         image_path: ``B`` paths of the image files (the folder, COCO, RefCOCO, VOC), for overlays.
         inputs_sha256: ``B`` fingerprints of each image's input files (the folder), for resumable outputs.
         orig_size: ``B`` raw ``(H_i, W_i)``.
-        text, kind, caption, ...: other per-image values as lists of ``B``; int-valued ones (``target_index``, an
-            index into the image's own regions, ``-1`` if absent) as int64 ``[B]``.
+        text, kind, caption, ...: other per-image values as lists of ``B`` (``None`` for a sample without it);
+            int-valued ones (``target_index``, an index into the image's own regions, ``-1`` if absent) as int64
+            ``[B]``.
     """
 
     image: torch.Tensor
@@ -133,9 +134,12 @@ def collate_regions_batch(samples: Sequence[dict[str, Any]]) -> RegionBatch:
             raise ValueError("some samples of the batch have an alpha map and others do not")
         batch["alpha"] = torch.stack([s["alpha"] for s in samples])
     for key in REGION_KEYS:
-        if key in first:
-            batch[key] = torch.cat([torch.as_tensor(s[key]).reshape(-1) for s in samples]).long()
-    for key in first:
+        if any(key in s for s in samples):  # -1 for the regions of a sample without it
+            batch[key] = torch.cat(
+                [torch.as_tensor(s[key] if key in s else [-1] * len(s["labels"])).reshape(-1) for s in samples]
+            ).long()
+    keys = list(dict.fromkeys(k for s in samples for k in s))  # every sample's keys, in first-seen order
+    for key in keys:
         if key in _HANDLED or key in REGION_STR_KEYS:
             continue
         values = [s.get(key) for s in samples]
