@@ -77,7 +77,10 @@ def _data_args(kind: str, tmp_path: Path) -> tuple[list[str], dict[str, list[str
 def test_predict_on_every_region_data_module(kind, tmp_path):
     data, expected = _data_args(kind, tmp_path)
     out = tmp_path / "out"
-    infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", *data, f"--writer.output_dir={out}", *FAST])
+    cli = infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", *data, f"--writer.output_dir={out}", *FAST])
+    writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "InversionWriter")
+    # RefCOCO has one item per expression: image 1's three (one batch) are inverted and written once
+    assert (writer.written, writer.skipped) == (len(expected) or 2, 0)
     folders = sorted(p.parent.name for p in out.glob("*/manifest.json"))
     if kind == "synthetic":
         assert len(folders) == 2
@@ -125,3 +128,14 @@ def test_folder_batches_images_of_different_sizes(region_folder, tmp_path):
     for name, size in (("a", (40, 56)), ("b", (64, 48))):
         with safe_open(str(out / name / "embeddings.safetensors"), "pt") as f:
             assert f.get_tensor("maps").shape == (3, *size)
+
+
+def test_an_image_repeated_over_batches_is_inverted_once(tmp_path):
+    """RefCOCO, one expression per batch: image 1 is computed for the first and up to date for the two others."""
+    data, _ = _data_args("refcoco", tmp_path)
+    out = tmp_path / "out"
+    args = ["predict", f"--config={CONFIG}", f"--config={TINY}", *data, "--data.batch_size=1", *FAST]
+    cli = infer_main([*args, f"--writer.output_dir={out}"])
+    writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "InversionWriter")
+    assert (writer.written, writer.skipped) == (1, 2)
+    assert [p.parent.name for p in out.glob("*/manifest.json")] == ["1"]

@@ -223,6 +223,8 @@ class InversionWriter(BasePredictionWriter):
                 if result.get("reason") == "no region":
                     log.warning("%s has no region (all empty after preprocessing): nothing written", result["image_id"])
                     continue
+                if result.get("reason") == "repeat":  # written a moment ago from the same inputs
+                    continue
                 self.skipped += 1
                 log.info("%s is up to date in %s: skipped", result["image_id"], self.output_dir)
                 continue

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from ..backbones.base import Backbone
 from ..data.collate import RegionBatch, image_views
 from ..inversion import MaskInversion
-from ..outputs import fingerprint_settings
+from ..outputs import fingerprint_inputs, fingerprint_settings, tensor_bytes
 from ..text import TextEmbeddingCache
 
 __all__ = ["MaskInversionModule", "require_grad_mode"]
@@ -162,18 +162,41 @@ class MaskInversionModule(L.LightningModule):
             out["probabilities"] = (scale * sims).softmax(dim=-1).cpu()
         return out
 
+    @staticmethod
+    def inputs_fingerprint(sample: dict[str, Any]) -> str:
+        """What a re-run must match for one image: the data's ``inputs_sha256`` (the folder: file bytes), else a
+        SHA-256 of the model input (the preprocessed ``image`` and the fitted masks, with the region names)."""
+        if sample.get("inputs_sha256"):
+            return sample["inputs_sha256"]
+        target = sample.get("original_masks")
+        target = sample["masks"] if target is None else target
+        return fingerprint_inputs(
+            tensor_bytes(sample["image"]),
+            [(str(n), tensor_bytes(target[i].float())) for i, n in enumerate(sample["region_names"])],
+        )
+
     # ------------------------------------------------------------------------------------------- steps
     def predict_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """One result per image of the batch: :meth:`invert`'s, or ``{"image_id", "skipped": True, "reason"}``."""
+        """One result per image of the batch: :meth:`invert`'s, or ``{"image_id", "skipped": True, "reason"}`` with
+        ``reason`` ``"no region"``, ``"up to date"`` (:attr:`skip_sample`) or ``"repeat"`` (the same image and regions
+        earlier in the batch)."""
         require_grad_mode()
         out = []
+        done = set()  # an image repeated in the batch (one item per RefCOCO expression) is inverted once
         for sample in image_views(batch):
             if not len(sample["region_names"]):  # e.g. every region cropped away: nothing to invert
                 out.append({"image_id": sample["image_id"], "skipped": True, "reason": "no region"})
+                continue
+            # the writer skips images whose folder holds this key, e.g. repeats in earlier batches
+            sample["inputs_sha256"] = self.inputs_fingerprint(sample)
+            key = (sample["image_id"], sample["inputs_sha256"])
+            if key in done:
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "repeat"})
             elif self.skip_sample is not None and self.skip_sample(sample):
                 out.append({"image_id": sample["image_id"], "skipped": True, "reason": "up to date"})
             else:
                 out.append(self.invert(sample))
+            done.add(key)
         return out
 
     def test_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
