@@ -30,6 +30,12 @@ def require_grad_mode() -> None:
         raise RuntimeError(INFERENCE_MODE_MESSAGE)
 
 
+def _fitted_masks(sample: dict[str, Any]) -> torch.Tensor:
+    """The masks MaskInversion fits for one image: at the image's own resolution when the data keeps them."""
+    original = sample.get("original_masks")
+    return sample["masks"] if original is None else original
+
+
 class MaskInversionModule(L.LightningModule):
     """Localized embeddings for every region mask of every image, with the backbone frozen.
 
@@ -135,8 +141,7 @@ class MaskInversionModule(L.LightningModule):
         """
         require_grad_mode()
         image = sample["image"].to(self.device).unsqueeze(0)
-        target = sample.get("original_masks")
-        target = sample["masks"] if target is None else target
+        target = _fitted_masks(sample)
         result = self.solver(image, target.to(self.device))
         out = {
             "image_id": sample["image_id"],
@@ -168,8 +173,7 @@ class MaskInversionModule(L.LightningModule):
         SHA-256 of the model input (the preprocessed ``image`` and the fitted masks, with the region names)."""
         if sample.get("inputs_sha256"):
             return sample["inputs_sha256"]
-        target = sample.get("original_masks")
-        target = sample["masks"] if target is None else target
+        target = _fitted_masks(sample)
         return fingerprint_inputs(
             tensor_bytes(sample["image"]),
             [(str(n), tensor_bytes(target[i].float())) for i, n in enumerate(sample["region_names"])],
