@@ -539,7 +539,7 @@ def run(
             table = compare_methods(
                 backbone,
                 sample["image"],
-                sample["masks"],
+                sample["original_masks"],  # full resolution: compare_methods resizes them as soft masks
                 names,
                 text,
                 settings.prompts,

@@ -11,12 +11,19 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 
 from ..backbones.base import Backbone
+from ..data.collate import RegionBatch, image_views
 from ..grad_mode import require_grad_mode
 from ..inversion import MaskInversion
-from ..outputs import fingerprint_settings
+from ..outputs import fingerprint_inputs, fingerprint_settings, tensor_bytes
 from ..text import TextEmbeddingCache
 
 __all__ = ["MaskInversionModule"]
+
+
+def _fitted_masks(sample: dict[str, Any]) -> torch.Tensor:
+    """The masks MaskInversion fits for one image: at the image's own resolution when the data keeps them."""
+    original = sample.get("original_masks")
+    return sample["masks"] if original is None else original
 
 
 class MaskInversionModule(L.LightningModule):
@@ -32,8 +39,12 @@ class MaskInversionModule(L.LightningModule):
 
     Attributes:
         skip_sample: set by a prediction writer (:class:`~regionembed.callbacks.InversionWriter`): samples for which
-            it returns True are not computed in ``predict_step`` (their result is ``{"image_id", "skipped": True}``),
-            e.g. images whose outputs are already up to date.
+            it returns True are not computed in ``predict_step`` (their result is ``{"image_id", "skipped": True,
+            "reason"}``), e.g. images whose outputs are already up to date.
+
+    Batches are :class:`~regionembed.data.collate.RegionBatch` es from any region data module (folder, synthetic,
+    COCO, RefCOCO, VOC); each image is inverted on its own, against ``original_masks`` when the batch has them (the
+    folder: maps at the image's resolution), else against ``masks`` (``S x S``).
     """
 
     def __init__(
@@ -93,21 +104,29 @@ class MaskInversionModule(L.LightningModule):
         return self._settings_sha256
 
     def invert(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Run MaskInversion on one sample of :class:`~regionembed.data.ImageMaskDataset`; results on CPU."""
+        """Run MaskInversion on one image of a :class:`~regionembed.data.collate.RegionBatch`; results on CPU.
+
+        Args:
+            sample: one image's view (:func:`~regionembed.data.collate.image_views`): ``image`` ``[3, S, S]``,
+                ``masks`` ``[N, S, S]``, ``region_names``, ``image_id``, and when the data has them
+                ``original_masks`` ``[N, H, W]`` (fitted instead of ``masks``: maps at the image's own resolution),
+                ``image_path`` and ``inputs_sha256``.
+        """
+        require_grad_mode("MaskInversion")
         image = sample["image"].to(self.device).unsqueeze(0)
-        masks = sample["masks"].to(self.device)
-        result = self.solver(self.backbone, image, masks)
+        target = _fitted_masks(sample)
+        result = self.solver(self.backbone, image, target.to(self.device))
         out = {
             "image_id": sample["image_id"],
             "image_path": sample.get("image_path"),
-            "mask_names": list(sample["mask_names"]),
+            "mask_names": list(sample["region_names"]),
             "embeddings": result.embeddings.cpu(),
             "image_embedding": result.image_embedding.cpu(),
             "maps": result.maps.cpu(),
             "loss_history": result.loss_history.cpu(),
             "mask_loss": result.mask_loss.cpu(),
             "strategy": result.strategy,
-            "masks": sample["masks"].cpu(),
+            "masks": target.float().cpu(),
             "inputs_sha256": sample.get("inputs_sha256"),
             "settings_sha256": self.settings_fingerprint(),
             "weights": self.backbone.weights,
@@ -121,21 +140,48 @@ class MaskInversionModule(L.LightningModule):
             out["probabilities"] = (scale * sims).softmax(dim=-1).cpu()
         return out
 
+    @staticmethod
+    def inputs_fingerprint(sample: dict[str, Any]) -> str:
+        """What a re-run must match for one image: the data's ``inputs_sha256`` (the folder: file bytes), else a
+        SHA-256 of the model input (the preprocessed ``image`` and the fitted masks, with the region names)."""
+        if sample.get("inputs_sha256"):
+            return sample["inputs_sha256"]
+        target = _fitted_masks(sample)
+        return fingerprint_inputs(
+            tensor_bytes(sample["image"]),
+            [(str(n), tensor_bytes(target[i].float())) for i, n in enumerate(sample["region_names"])],
+        )
+
     # ------------------------------------------------------------------------------------------- steps
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
+    def predict_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """One result per image of the batch: :meth:`invert`'s, or ``{"image_id", "skipped": True, "reason"}`` with
+        ``reason`` ``"no region"``, ``"up to date"`` (:attr:`skip_sample`) or ``"repeat"`` (the same image and regions
+        earlier in the batch)."""
         require_grad_mode("MaskInversion")
         out = []
-        for sample in batch:
-            if self.skip_sample is not None and self.skip_sample(sample):
-                out.append({"image_id": sample["image_id"], "skipped": True})
+        done = set()  # an image repeated in the batch (one item per RefCOCO expression) is inverted once
+        for sample in image_views(batch):
+            if not len(sample["region_names"]):  # e.g. every region cropped away: nothing to invert
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "no region"})
+                continue
+            # the writer skips images whose folder holds this key, e.g. repeats in earlier batches
+            sample["inputs_sha256"] = self.inputs_fingerprint(sample)
+            key = (sample["image_id"], sample["inputs_sha256"])
+            if key in done:
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "repeat"})
+            elif self.skip_sample is not None and self.skip_sample(sample):
+                out.append({"image_id": sample["image_id"], "skipped": True, "reason": "up to date"})
             else:
                 out.append(self.invert(sample))
+            done.add(key)
         return out
 
-    def test_step(self, batch: list[dict[str, Any]], batch_idx: int, dataloader_idx: int = 0):
+    def test_step(self, batch: RegionBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         require_grad_mode("MaskInversion")
         results = []
-        for sample in batch:
+        for sample in image_views(batch):
+            if not len(sample["region_names"]):
+                continue
             res = self.invert(sample)
             results.append(res)
             masks = res["masks"]
@@ -145,7 +191,7 @@ class MaskInversionModule(L.LightningModule):
             self.test_metrics["mask_dice"].update(1 - res["mask_loss"])
             self.test_metrics["map_iou"].update(inter / union)
             self.test_metrics["loss_drop"].update(res["loss_history"][0] - res["loss_history"][-1])
-        self.log_dict(self.test_metrics, batch_size=len(batch))
+        self.log_dict(self.test_metrics, batch_size=len(batch["image_ids"]))
         return results
 
     def configure_optimizers(self):
