@@ -29,7 +29,17 @@ from .config_files import config_path, expand_config_args
 from .io import InputError
 from .outputs import check_output_dir
 
-__all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
+__all__ = [
+    "CLIError",
+    "InferCLI",
+    "TrainCLI",
+    "infer_command",
+    "infer_main",
+    "quiet_known_noise",
+    "single_args",
+    "train_command",
+    "train_main",
+]
 
 #: the shipped config that ``single`` stacks its ``--config`` fragments on
 DEFAULT_INFER_CONFIG = "infer/maskinversion.yaml"
@@ -473,3 +483,13 @@ def train_main(argv: Sequence[str] | None = None) -> TrainCLI:
         return TrainCLI(args=None if args is None else _expand(args))
 
     return _run(make, argv)
+
+
+def infer_command() -> None:
+    """Console script ``regionembed-infer``: :func:`infer_main` on ``sys.argv`` (its exit status is the CLI's)."""
+    infer_main()
+
+
+def train_command() -> None:
+    """Console script ``regionembed-train``: :func:`train_main` on ``sys.argv``."""
+    train_main()

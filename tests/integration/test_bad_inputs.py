@@ -144,7 +144,19 @@ def test_single_form_with_an_image_named_dots(tmp_path):
     image = _image(tmp_path / "data" / "...png")
     mask = _mask(tmp_path / "data" / "mask.png")
     out = tmp_path / "out" / "x"
-    infer_main(["single", str(image), str(mask), "--output", str(out), "--config", CONFIG, f"--model.init_args.backbone={TINY}", *FAST])
+    infer_main(
+        [
+            "single",
+            str(image),
+            str(mask),
+            "--output",
+            str(out),
+            "--config",
+            CONFIG,
+            f"--model.init_args.backbone={TINY}",
+            *FAST,
+        ]
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
     assert [json.loads((out / d / "manifest.json").read_text())["image_id"] for d in _image_dirs(out)] == [".."]
 

@@ -91,6 +91,7 @@ def test_shipped_names_are_the_repository_files(tmp_path, monkeypatch, capsys):
 
     assert list_configs() == sorted(p.relative_to(ROOT / "configs").as_posix() for p in ROOT.glob("configs/**/*.yaml"))
     monkeypatch.chdir(tmp_path)
-    by_path = _print_config(infer_main, ["test", f"--config={ROOT / 'configs/infer/region_cls_synthetic.yaml'}"], capsys)
+    main_job = ROOT / "configs" / "infer" / "region_cls_synthetic.yaml"
+    by_path = _print_config(infer_main, ["test", f"--config={main_job}"], capsys)
     by_name = _print_config(infer_main, ["test", "--config", "regionembed:infer/region_cls_synthetic"], capsys)
     assert by_name == by_path
