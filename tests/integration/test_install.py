@@ -4,6 +4,7 @@ and the sdist and the wheel carry every shipped config as a file."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ SMALL = ["--data.init_args.test_size=4", "--data.init_args.batch_size=2", "--tra
 
 def _copy_checkout(dest: Path) -> Path:
     """The package's sources copied with their links (builds write build/ and *.egg-info next to them)."""
+    # the builds below use this environment's setuptools (no build isolation, nothing downloaded)
+    assert importlib.util.find_spec("setuptools.command.bdist_wheel"), "needs setuptools>=70.1: pip install -e '.[dev]'"
     dest.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
