@@ -1,4 +1,8 @@
-"""LightningCLI entry points: ``python infer.py`` (test/predict, plus ``single``) and ``python train.py``."""
+"""LightningCLI entry points: ``regionembed-infer`` (test/predict, plus ``single``) and ``regionembed-train``.
+
+The repository's ``infer.py`` and ``train.py`` call the same functions. ``--config regionembed:<name>`` names a config
+shipped in the package (:mod:`regionembed.config_files`), so an installed package runs from any directory.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +26,24 @@ from .backbones.base import Backbone
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
 from .callbacks.writer import image_folder
+from .config_files import config_path, expand_config_args
 from .io import InputError
 from .outputs import check_output_dir
 
-__all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
+__all__ = [
+    "CLIError",
+    "InferCLI",
+    "TrainCLI",
+    "infer_command",
+    "infer_main",
+    "quiet_known_noise",
+    "single_args",
+    "train_command",
+    "train_main",
+]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_INFER_CONFIG = REPO_ROOT / "configs" / "infer" / "maskinversion.yaml"
+#: the shipped config that ``single`` stacks its ``--config`` fragments on
+DEFAULT_INFER_CONFIG = "infer/maskinversion.yaml"
 PRETRAINED_KEY = "model.init_args.backbone.init_args.pretrained"
 
 #: ``infer.py single --model`` shortcuts: (open_clip architecture, ``pretrained``)
@@ -309,7 +324,7 @@ Models (--model):
 
 Anything else is passed on to `infer.py predict` (write --key=value), e.g.
   --model.init_args.solver.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
---config FILE adds YAML fragments on top of the defaults (configs/infer/maskinversion.yaml), in order.
+--config FILE adds YAML fragments on top of the defaults (regionembed:infer/maskinversion.yaml), in order.
 
 Examples:
   infer.py single photo.jpg cat.png dog.png --prompts "a cat" "a dog" --weights ~/clip/ViT-B-16.safetensors
@@ -390,7 +405,7 @@ def _backbone_for(model: str, weights: str | None) -> dict[str, Any]:
 def single_args(argv: Sequence[str]) -> list[str]:
     """Translate ``single IMAGE MASK... [--prompts ...] [--model ...]`` into ``predict`` arguments of InferCLI.
 
-    ``--config`` fragments stack on the defaults (``configs/infer/maskinversion.yaml``); unknown ``--key=value``
+    ``--config`` fragments stack on the defaults (``regionembed:infer/maskinversion.yaml``); unknown ``--key=value``
     options are passed on unchanged.
 
     Raises:
@@ -402,7 +417,7 @@ def single_args(argv: Sequence[str]) -> list[str]:
     args = parser.parse_args(mine)
     out = [
         "predict",
-        f"--config={DEFAULT_INFER_CONFIG}",
+        f"--config={config_path(DEFAULT_INFER_CONFIG)}",
         *(f"--config={c}" for c in args.config or []),
         "--data=regionembed.data.RegionFolderDataModule",
         "--data.root=null",
@@ -445,24 +460,50 @@ def _run(make_cli, argv: Sequence[str] | None):
         raise SystemExit(2) from None
 
 
+def _expand(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``regionembed:<name>`` configs replaced by their shipped files (an unknown name: CLIError)."""
+    try:
+        return expand_config_args(argv)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+
+
 def infer_main(argv: Sequence[str] | None = None) -> InferCLI:
-    """``python infer.py {test,predict} --config ...`` or ``python infer.py single IMAGE MASK...``."""
+    """``regionembed-infer {test,predict} --config ...`` or ``regionembed-infer single IMAGE MASK...``.
+
+    ``python infer.py`` in a checkout is the same command.
+    """
 
     def make(args: list[str] | None) -> InferCLI:
         if args is None:
             # Read sys.argv through LightningCLI (args=None): DDP launchers re-run this script with sys.argv, so
-            # the translated single-image arguments are written back there.
-            if sys.argv[1:2] == ["single"]:
-                sys.argv = [sys.argv[0], *single_args(sys.argv[2:])]
-                return InferCLI(args=None, flag_names=SINGLE_FLAGS)
-            return InferCLI(args=None)
+            # the translated arguments (single-image, shipped config names) are written back there.
+            single = sys.argv[1:2] == ["single"]
+            sys.argv = [sys.argv[0], *_expand(single_args(sys.argv[2:]) if single else sys.argv[1:])]
+            return InferCLI(args=None, flag_names=SINGLE_FLAGS if single else None)
         if args and args[0] == "single":
-            return InferCLI(args=single_args(args[1:]), flag_names=SINGLE_FLAGS)
-        return InferCLI(args=args)
+            return InferCLI(args=_expand(single_args(args[1:])), flag_names=SINGLE_FLAGS)
+        return InferCLI(args=_expand(args))
 
     return _run(make, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> TrainCLI:
-    """``python train.py {fit,validate,test} --config ...``."""
-    return _run(lambda args: TrainCLI(args=args), argv)
+    """``regionembed-train {fit,validate,test} --config ...`` (``python train.py`` in a checkout)."""
+
+    def make(args: list[str] | None) -> TrainCLI:
+        if args is None:  # written back to sys.argv for DDP launchers, as in infer_main
+            sys.argv = [sys.argv[0], *_expand(sys.argv[1:])]
+        return TrainCLI(args=None if args is None else _expand(args))
+
+    return _run(make, argv)
+
+
+def infer_command() -> None:
+    """Console script ``regionembed-infer``: :func:`infer_main` on ``sys.argv`` (its exit status is the CLI's)."""
+    infer_main()
+
+
+def train_command() -> None:
+    """Console script ``regionembed-train``: :func:`train_main` on ``sys.argv``."""
+    train_main()

@@ -78,8 +78,8 @@ def _folder(root: Path, images: dict[str, list[str]]) -> Path:
     return root
 
 
-def _predict(*args: str, config: tuple[str, ...] = (CONFIG, TINY)):
-    return infer_main(["predict", *(f"--config={c}" for c in config), *FAST, *args])
+def _predict(*args: str):
+    return infer_main(["predict", f"--config={CONFIG}", f"--model.init_args.backbone={TINY}", *FAST, *args])
 
 
 def _predict_image(image: Path, masks: list[Path], out: Path, *args: str):
@@ -146,7 +146,19 @@ def test_single_form_with_an_image_named_dots(tmp_path):
     image = _image(tmp_path / "data" / "...png")
     mask = _mask(tmp_path / "data" / "mask.png")
     out = tmp_path / "out" / "x"
-    infer_main(["single", str(image), str(mask), "--output", str(out), "--config", CONFIG, "--config", TINY, *FAST])
+    infer_main(
+        [
+            "single",
+            str(image),
+            str(mask),
+            "--output",
+            str(out),
+            "--config",
+            CONFIG,
+            f"--model.init_args.backbone={TINY}",
+            *FAST,
+        ]
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
     assert [json.loads((out / d / "manifest.json").read_text())["image_id"] for d in _image_dirs(out)] == [".."]
 
@@ -276,7 +288,7 @@ def _infer_cmd(root: Path, out: Path, *extra: str) -> list[str]:
         str(ROOT / "infer.py"),
         "predict",
         f"--config={CONFIG}",
-        f"--config={TINY}",
+        f"--model.init_args.backbone={TINY}",
         f"--data.root={root}",
         f"--writer.output_dir={out}",
         "--trainer.enable_progress_bar=false",

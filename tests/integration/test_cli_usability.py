@@ -54,9 +54,13 @@ def test_single_help_text_says_which_model_and_the_hub(capsys):
 
 
 def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog):
-    """`--config configs/backbone/tiny.yaml` alone used to replace the defaults and fail; now it stacks."""
+    """A `--config` fragment alone used to replace the defaults and fail; now it stacks (here a fragment that names
+    the tiny backbone by a path relative to itself)."""
     out = tmp_path / "out"
     masks = region_folder / "masks" / "a"
+    fragment = tmp_path / "fragments" / "tiny_model.yaml"
+    fragment.parent.mkdir()
+    fragment.write_text(f"model:\n  init_args:\n    backbone: {os.path.relpath(TINY, fragment.parent)}\n")
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
         infer_main(
             [
@@ -64,7 +68,7 @@ def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog)
                 str(region_folder / "images" / "a.png"),
                 str(masks / "grey.png"),
                 "--config",
-                TINY,
+                str(fragment),
                 "--output",
                 str(out),
                 *FAST,

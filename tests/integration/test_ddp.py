@@ -19,7 +19,7 @@ def test_predict_ddp_two_processes(region_folder, tmp_path):
         str(ROOT / "infer.py"),
         "predict",
         f"--config={ROOT / 'configs' / 'infer' / 'maskinversion.yaml'}",
-        f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
+        f"--model.init_args.backbone={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
         f"--data.root={region_folder}",
         f"--writer.output_dir={out}",
         "--model.init_args.solver.init_args.iterations=2",

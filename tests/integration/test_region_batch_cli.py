@@ -77,7 +77,16 @@ def _data_args(kind: str, tmp_path: Path) -> tuple[list[str], dict[str, list[str
 def test_predict_on_every_region_data_module(kind, tmp_path):
     data, expected = _data_args(kind, tmp_path)
     out = tmp_path / "out"
-    cli = infer_main(["predict", f"--config={CONFIG}", f"--config={TINY}", *data, f"--writer.output_dir={out}", *FAST])
+    cli = infer_main(
+        [
+            "predict",
+            f"--config={CONFIG}",
+            f"--model.init_args.backbone={TINY}",
+            *data,
+            f"--writer.output_dir={out}",
+            *FAST,
+        ]
+    )
     writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "InversionWriter")
     # RefCOCO has one item per expression: image 1's three (one batch) are inverted and written once
     assert (writer.written, writer.skipped) == (len(expected) or 2, 0)
@@ -103,7 +112,7 @@ def test_predict_on_every_region_data_module(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["synthetic", "coco", "refcoco", "voc"])
 def test_test_on_every_region_data_module(kind, tmp_path):
     data, _ = _data_args(kind, tmp_path)
-    cli = infer_main(["test", f"--config={CONFIG}", f"--config={TINY}", *data, *FAST])
+    cli = infer_main(["test", f"--config={CONFIG}", f"--model.init_args.backbone={TINY}", *data, *FAST])
     metrics = cli.trainer.callback_metrics
     assert {"test/mask_dice", "test/map_iou", "test/loss_drop"} <= set(metrics)
     assert 0 <= float(metrics["test/mask_dice"]) <= 1
@@ -118,7 +127,7 @@ def test_folder_batches_images_of_different_sizes(region_folder, tmp_path):
         [
             "predict",
             f"--config={CONFIG}",
-            f"--config={TINY}",
+            f"--model.init_args.backbone={TINY}",
             f"--data.root={region_folder}",
             "--data.batch_size=2",
             f"--writer.output_dir={out}",
@@ -134,7 +143,7 @@ def test_an_image_repeated_over_batches_is_inverted_once(tmp_path):
     """RefCOCO, one expression per batch: image 1 is computed for the first and up to date for the two others."""
     data, _ = _data_args("refcoco", tmp_path)
     out = tmp_path / "out"
-    args = ["predict", f"--config={CONFIG}", f"--config={TINY}", *data, "--data.batch_size=1", *FAST]
+    args = ["predict", f"--config={CONFIG}", f"--model.init_args.backbone={TINY}", *data, "--data.batch_size=1", *FAST]
     cli = infer_main([*args, f"--writer.output_dir={out}"])
     writer = next(c for c in cli.trainer.callbacks if type(c).__name__ == "InversionWriter")
     assert (writer.written, writer.skipped) == (1, 2)

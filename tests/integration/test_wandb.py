@@ -18,7 +18,7 @@ def test_wandb_offline_media_and_table(region_folder, tmp_path):
         str(ROOT / "infer.py"),
         "test",
         f"--config={ROOT / 'configs' / 'infer' / 'maskinversion.yaml'}",
-        f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
+        f"--model.init_args.backbone={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
         f"--config={ROOT / 'configs' / 'logger' / 'wandb.yaml'}",
         f"--data.root={region_folder}",
         "--model.init_args.solver.init_args.iterations=2",

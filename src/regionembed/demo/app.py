@@ -313,7 +313,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                 )
                 downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                 command = gr.Code(
-                    label="Equivalent command (from the repository root)",
+                    label="Equivalent command (any directory, regionembed installed)",
                     language="shell",
                     wrap_lines=True,
                     elem_id="command",

@@ -63,8 +63,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-INFER_CONFIG = "configs/infer/maskinversion.yaml"
-TINY_CONFIG = "configs/backbone/tiny.yaml"
+#: the shipped backbone fragment of a random tiny model (``regionembed.config_files``)
+TINY_BACKBONE = "regionembed:backbone/tiny.yaml"
 
 #: explainers offered for the text-conditioned maps (name -> factory)
 EXPLAINERS: dict[str, Callable[[Sequence[int]], object]] = {
@@ -118,7 +118,7 @@ class ModelSpec:
         if self.random:
             # jsonargparse reads `pretrained=null` on the command line as the string "None"; the tiny fragment's
             # YAML `pretrained: null` is a real None
-            out = ["--config", TINY_CONFIG, f"{key}.model_name={self.model_name}"]
+            out = [f"--model.init_args.backbone={TINY_BACKBONE}", f"{key}.model_name={self.model_name}"]
         else:
             out = [f"{key}.model_name={self.model_name}", f"{key}.pretrained={self.pretrained}"]
         if self.alpha_checkpoint:
@@ -443,15 +443,14 @@ def command_line(
     output: Path,
     device: str | torch.device = "cpu",
 ) -> str:
-    """The ``infer.py single`` command that reproduces a run's embeddings (run from the repository root)."""
-    args = ["python", "infer.py", "single", str(image_path), *map(str, mask_paths)]
+    """The ``regionembed-infer single`` command that reproduces a run's embeddings (``python infer.py single`` in a
+    checkout is the same command)."""
+    args = ["regionembed-infer", "single", str(image_path), *map(str, mask_paths)]
     if settings.prompts:
         args += ["--prompts", *settings.prompts]
     args += [
         "--output",
         str(output),
-        "--config",
-        INFER_CONFIG,
         *spec.cli_overrides(),
         f"--model.init_args.solver.init_args.iterations={settings.iterations}",
         f"--model.init_args.solver.init_args.lr={settings.lr}",
