@@ -1,7 +1,8 @@
-"""Backbone adapters (open_clip, timm), the attention recorder and tiny model configs."""
+"""Backbone adapters (open_clip, timm, Hugging Face transformers), the attention recorder and tiny model configs."""
 
-from .attention import AttentionRecord, AttentionRecorder, UnsupportedModelError
+from .attention import AttentionRecord, AttentionRecorder, MHAPoolRecorder, UnsupportedModelError
 from .base import Backbone, BlockParts, PreprocessSpec
+from .hf import HFBackbone
 from .open_clip import TINY_MODELS, OpenCLIPBackbone
 from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
@@ -13,6 +14,8 @@ __all__ = [
     "AttentionRecorder",
     "Backbone",
     "BlockParts",
+    "HFBackbone",
+    "MHAPoolRecorder",
     "OpenCLIPBackbone",
     "OpenCLIPResNetBackbone",
     "PreprocessSpec",

@@ -11,7 +11,7 @@ from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone
 from .base import Explainer, min_max, relevance_to_map
 
-__all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
+__all__ = ["LeGrad", "legrad_attention_pool_relevance", "legrad_layer_features", "record_layers", "uses_attention_pool"]
 
 
 def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]) -> AttentionRecorder:
@@ -41,6 +41,40 @@ def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: 
     return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
 
 
+# ------------------------------------------------------------------------------------ attention-pool heads (SigLIP)
+def uses_attention_pool(backbone: Backbone) -> bool:
+    """Whether ``backbone`` pools through an attention-pool head: it has ``attention_pool_embed`` and does not say
+    ``attention_pool = None`` (an adapter serving pooled and [CLS] models alike, e.g. ``HFBackbone``, says so)."""
+    has_method = callable(getattr(backbone, "attention_pool_embed", None))
+    return has_method and getattr(backbone, "attention_pool", 1) is not None
+
+
+def legrad_attention_pool_relevance(
+    backbone: Backbone, block_out: torch.Tensor, targets: torch.Tensor, create_graph: bool, retain_graph: bool
+) -> torch.Tensor:
+    """LeGrad's per-layer relevance on a model that pools with an attention head (the official recipe for SigLIP).
+
+    The pool is applied to the layer's tokens (``backbone.attention_pool_embed``: the model's own route to the
+    embedding); the score is ``s = <e, normalize(pool(tokens))>``; its gradient with respect to the pool's
+    post-softmax attention ``[B, H, Q, T]`` (the learned queries over the tokens) is clamped at 0 and averaged over
+    heads and queries.
+
+    Args:
+        backbone: a backbone with ``attention_pool_embed``.
+        block_out: ``[B, T, C]`` output of the explained block.
+        targets: ``[B, D]`` target embeddings.
+        create_graph: keep the relevance on the autograd graph.
+        retain_graph: keep the graph of ``block_out`` for later gradients.
+
+    Returns:
+        ``[B, T - prefix]`` relevance of the patch tokens.
+    """
+    embedding, probs = backbone.attention_pool_embed(block_out)
+    score = (targets * F.normalize(embedding, dim=-1)).sum()
+    (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain_graph)
+    return grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
+
+
 class LeGrad(Explainer):
     """LeGrad, as the official implementation computes it.
 
@@ -48,6 +82,11 @@ class LeGrad(Explainer):
     respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
     are summed and min-max normalised per map.
+
+    On a model that pools with an attention head (SigLIP: ``attention_pool_embed``) LeGrad follows the official
+    recipe for such models instead: per layer the pool is applied to that layer's tokens, and the gradient is taken
+    with respect to the *pool's* attention over the tokens (see :func:`legrad_attention_pool_relevance`); the rest
+    (ReLU, mean over heads and queries, sum over layers, min-max) is unchanged and ``pooling`` is not used.
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -91,8 +130,12 @@ class LeGrad(Explainer):
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
-                score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
+                if uses_attention_pool(backbone):
+                    relevance = legrad_attention_pool_relevance(backbone, record.out, targets, create_graph, retain)
+                    total = total + relevance_to_map(relevance, grid, backbone.patch_size)
+                    continue
+                score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
                 (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)

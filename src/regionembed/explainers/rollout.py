@@ -7,6 +7,7 @@ import torch
 from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone
 from .base import Explainer, min_max, relevance_to_map
+from .legrad import uses_attention_pool
 
 __all__ = ["AttentionRollout"]
 
@@ -22,6 +23,9 @@ class AttentionRollout(Explainer):
     The target is **ignored** (rollout explains the image embedding, not a text): every target gives the same map
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).
+
+    A model without a [CLS] token that pools with an attention head (SigLIP) has no [CLS] row: the pool's attention
+    over the last tokens (mean over heads and queries) is the last step of the product and its row is the map.
 
     Args:
         start_layer: first block included (0: all blocks; some works skip the first few).
@@ -47,7 +51,7 @@ class AttentionRollout(Explainer):
         shared = image.shape[0] > 1 and image.stride(0) == 0
         images = image[:1] if shared else image
         with AttentionRecorder(backbone.blocks, layers, leaf_probs=False) as rec:
-            backbone.forward_blocks(backbone.embed_tokens(images))
+            tokens = backbone.forward_blocks(backbone.embed_tokens(images))
         rollout = None
         for layer in layers:
             probs = rec.records[layer].probs.mean(dim=1)  # [G, T, T], heads fused by the mean
@@ -55,10 +59,22 @@ class AttentionRollout(Explainer):
             mixed = (1 - self.residual) * probs + self.residual * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
-        relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
+        if uses_attention_pool(backbone):
+            relevance = _pool_row(backbone, tokens, rollout)
+        else:
+            relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         maps = min_max(relevance_to_map(relevance, grid, backbone.patch_size), self.eps)
         return maps.expand(image.shape[0], -1, -1).contiguous() if shared else maps
 
     def __repr__(self) -> str:
         return f"AttentionRollout(start_layer={self.start_layer}, residual={self.residual})"
+
+
+def _pool_row(backbone: Backbone, tokens: torch.Tensor, rollout: torch.Tensor) -> torch.Tensor:
+    """The attention-pool head's row of the rollout: its attention over the last tokens ``[G, T]`` (mean over heads
+    and queries; no residual, the pool has none around its attention) times the rollout ``[G, T, T]``, patch
+    columns ``[G, h*w]``."""
+    _, probs = backbone.attention_pool_embed(tokens)
+    row = probs.mean(dim=(1, 2)).unsqueeze(1)  # [G, 1, T]
+    return (row @ rollout)[:, 0, backbone.num_prefix_tokens :]
