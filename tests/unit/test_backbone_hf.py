@@ -394,3 +394,19 @@ def test_training_parts_and_export(folders, family):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(fresh.get_image_features(pixel_values=x).pooler_output, b.encode_image(x))
+
+
+def test_siglip_last_layer_legrad_vanishes_at_the_image_embedding(backbones):
+    """Why MaskInversion on SigLIP needs more than the last layer (docs/models.md): at the last layer the pool's output
+    is the image embedding, so the cosine with the image's own embedding (MaskInversion's starting token) is at its
+    maximum and its gradient with respect to the pool's attention vanishes; an earlier layer's does not."""
+    from regionembed.explainers.legrad import legrad_attention_pool_relevance, record_layers
+
+    b = backbones["siglip"]
+    image = torch.randn(1, 3, 48, 48)
+    rec = record_layers(b, image, [0, -1])
+    with torch.no_grad():
+        start = F.normalize(b.encode_image(image), dim=-1)
+    last = legrad_attention_pool_relevance(b, rec[-1].out, start, create_graph=False, retain_graph=True)
+    first = legrad_attention_pool_relevance(b, rec[0].out, start, create_graph=False, retain_graph=True)
+    assert last.abs().max() < 1e-5 < first.abs().max()
