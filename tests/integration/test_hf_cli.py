@@ -41,3 +41,25 @@ def test_predict_with_an_hf_siglip_folder(region_folder, tmp_path):
     with safe_open(str(out / "a" / "embeddings.safetensors"), "pt") as f:
         emb = f.get_tensor("embeddings")
     assert emb.shape == (3, 32) and torch.isfinite(emb).all()
+
+
+def test_hub_name_offline_is_one_error_naming_the_folder_way(region_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fragment = tmp_path / "hf.yaml"
+    fragment.write_text(
+        "model:\n  init_args:\n    backbone:\n      class_path: regionembed.backbones.HFBackbone\n"
+        "      init_args:\n        path_or_name: google/siglip-base-patch16-224\n"
+    )
+    with pytest.raises(SystemExit) as info:
+        infer_main(
+            [
+                "predict",
+                f"--config={CONFIG}",
+                f"--config={fragment}",
+                f"--data.root={region_folder}",
+                f"--writer.output_dir={tmp_path / 'out'}",
+            ]
+        )
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "HFBackbone('/path/to/folder')" in err and "init_args.pretrained" not in err

@@ -93,8 +93,8 @@ def _offline_error(name: str) -> PretrainedWeightsUnavailable:
         f"{reason}. On a machine with network access save it to a folder, e.g. "
         f"`CLIPModel.from_pretrained({name!r}).save_pretrained('folder')` and "
         f"`AutoProcessor.from_pretrained({name!r}).save_pretrained('folder')` (SiglipModel for SigLIP), copy the "
-        "folder here and pass it instead: HFBackbone('/path/to/folder')",
-        reason=reason,
+        "folder here and pass it instead: HFBackbone('/path/to/folder')"
+        # no separate ``reason``: the CLI would append its `pretrained` flag, which HFBackbone does not have
     )
 
 
