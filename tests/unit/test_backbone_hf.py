@@ -18,7 +18,7 @@ from helpers.hf_models import CONTEXT, EOS, PATCH, SIZE, save_tiny
 from regionembed.backbones import AttentionRecorder, HFBackbone, MHAPoolRecorder, UnsupportedModelError
 from regionembed.backbones import hf as hf_module
 from regionembed.backbones.weights import PretrainedWeightsUnavailable
-from regionembed.explainers import AttentionRollout, GradCAM, LeGrad, ScoreCAM, VLScore
+from regionembed.explainers import AttentionRollout, GradAttention, GradCAM, LeGrad, ScoreCAM, VLScore
 from regionembed.inversion import MaskInversion
 
 FAMILIES = ["clip", "siglip"]
@@ -241,6 +241,8 @@ EXPLAINERS = [
     ScoreCAM(max_channels=8),
     VLScore(max_channels=8),
     AttentionRollout(),
+    GradAttention(),
+    GradAttention(layer=-2, pooling="gradcam"),
 ]
 
 
@@ -256,7 +258,7 @@ def test_every_explainer_runs(backbones, family, explainer):
     assert maps.min() >= 0 and maps.max() <= 1
     if not isinstance(explainer, VLScore):  # VL-Score may decide "not present" (an all-zero map)
         assert (maps.flatten(1).amax(1) == 1).all()
-    if isinstance(explainer, LeGrad | GradCAM):  # target-conditioned: different texts, different maps
+    if isinstance(explainer, LeGrad | GradCAM | GradAttention):  # target-conditioned: different texts, different maps
         assert not torch.allclose(maps[0], maps[1])
 
 
