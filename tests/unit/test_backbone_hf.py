@@ -412,3 +412,16 @@ def test_siglip_last_layer_legrad_vanishes_at_the_image_embedding(backbones):
     last = legrad_attention_pool_relevance(b, rec[-1].out, start, create_graph=False, retain_graph=True)
     first = legrad_attention_pool_relevance(b, rec[0].out, start, create_graph=False, retain_graph=True)
     assert last.abs().max() < 1e-5 < first.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradcam_drives_maskinversion(backbones, family):
+    """The generic autograd path (a second-order backward through Grad-CAM, and through SigLIP's pool head)."""
+    b = backbones[family]
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 48, 48)
+    masks = torch.zeros(2, 48, 48)
+    masks[0, :24, :24] = 1
+    masks[1, 24:, 8:] = 1
+    res = MaskInversion(b, explainer=GradCAM(normalize=False), iterations=4)(image, masks)
+    assert res.strategy == "explainer" and res.loss_history[-1] < res.loss_history[0] - 0.05
