@@ -201,11 +201,13 @@ def test_recorder_guarantees(folders, family, attn):
 
 def test_pool_recorder_guarantees(backbones):
     b = backbones["siglip"]
-    head = b.attention_pool
+    head = b.model.vision_model.head
     tokens = b.forward_blocks(b.embed_tokens(torch.randn(2, 3, SIZE, SIZE))).detach()
     with torch.no_grad():
         ref = b.pool_tokens(tokens)
-    emb, probs = b.attention_pool_embed(tokens)
+        torch.testing.assert_close(head(tokens), b.attention_pool_embed(tokens)[0], rtol=0, atol=2e-6)
+    # as the official LeGrad the pool reads the raw block output; with the final norm it is the model's embedding
+    emb, probs = b.attention_pool_embed(b.model.vision_model.post_layernorm(tokens))
     torch.testing.assert_close(emb, ref, rtol=0, atol=2e-6)
     assert probs.shape == (2, 2, 1, (SIZE // PATCH) ** 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 1))
@@ -257,15 +259,17 @@ def test_every_explainer_runs(backbones, family, explainer):
     assert maps.shape == (2, 48, 48) and torch.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1
     if not isinstance(explainer, VLScore):  # VL-Score may decide "not present" (an all-zero map)
-        assert (maps.flatten(1).amax(1) == 1).all()
+        # 1 exactly, except LeGrad on SigLIP: min-max on the token grid before upsampling, as the official code
+        assert (maps.flatten(1).amax(1) > 0.8).all()
     if isinstance(explainer, LeGrad | GradCAM | GradAttention):  # target-conditioned: different texts, different maps
         assert not torch.allclose(maps[0], maps[1])
 
 
 def test_legrad_on_siglip_is_the_attention_pool_recipe(folders, backbones):
     """An independent implementation on transformers' own hidden states: per layer, the pool head written out by hand
-    (probe attention, out-projection, layer norm, MLP), the gradient of the cosine with the target with respect to its
-    attention probabilities, ReLU, mean over heads, sum over layers, bilinear upsampling, min-max."""
+    (probe attention, out-projection, layer norm, MLP) on the raw layer output (the official LeGrad applies no final
+    norm), the gradient of the cosine with the target with respect to its attention probabilities, ReLU, mean over
+    heads, sum over layers, min-max on the token grid, bilinear upsampling (the official order)."""
     _, refs = folders
     ref, b = refs["siglip"], backbones["siglip"]
     torch.manual_seed(1)
@@ -279,7 +283,7 @@ def test_legrad_on_siglip_is_the_attention_pool_recipe(folders, backbones):
     c, h = mha.embed_dim, mha.num_heads
     total = 0
     for layer in (0, 1, 2):
-        x = vision.post_layernorm(hidden[layer + 1])  # [1, T, C]
+        x = hidden[layer + 1]  # [1, T, C]: the raw output of the layer
         wq, wk, wv = mha.in_proj_weight.split(c)
         bq, bk, bv = mha.in_proj_bias.split(c)
         q = (head.probe @ wq.T + bq).view(1, 1, h, -1).transpose(1, 2)
@@ -289,9 +293,9 @@ def test_legrad_on_siglip_is_the_attention_pool_recipe(folders, backbones):
         o = mha.out_proj((probs @ v).transpose(1, 2).reshape(1, 1, c))
         pooled = (o + head.mlp(head.layernorm(o)))[:, 0]
         (grad,) = torch.autograd.grad((targets * F.normalize(pooled, dim=-1)).sum(), probs)
-        relevance = grad.clamp_min(0).mean(dim=(1, 2)).view(1, 1, SIZE // PATCH, SIZE // PATCH)
-        total = total + F.interpolate(relevance, scale_factor=PATCH, mode="bilinear")[:, 0]
-    expected = (total - total.min()) / (total.max() - total.min())
+        total = total + grad.clamp_min(0).mean(dim=(1, 2)).view(1, 1, SIZE // PATCH, SIZE // PATCH)
+    expected = F.interpolate((total - total.min()) / (total.max() - total.min()), scale_factor=PATCH, mode="bilinear")
+    expected = expected[:, 0]
     torch.testing.assert_close(LeGrad(layers=(0, 1, 2))(b, image, targets), expected, atol=1e-5, rtol=0)
 
 
@@ -396,22 +400,6 @@ def test_training_parts_and_export(folders, family):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(fresh.get_image_features(pixel_values=x).pooler_output, b.encode_image(x))
-
-
-def test_siglip_last_layer_legrad_vanishes_at_the_image_embedding(backbones):
-    """Why MaskInversion on SigLIP needs more than the last layer (docs/models.md): at the last layer the pool's output
-    is the image embedding, so the cosine with the image's own embedding (MaskInversion's starting token) is at its
-    maximum and its gradient with respect to the pool's attention vanishes; an earlier layer's does not."""
-    from regionembed.explainers.legrad import legrad_attention_pool_relevance, record_layers
-
-    b = backbones["siglip"]
-    image = torch.randn(1, 3, 48, 48)
-    rec = record_layers(b, image, [0, -1])
-    with torch.no_grad():
-        start = F.normalize(b.encode_image(image), dim=-1)
-    last = legrad_attention_pool_relevance(b, rec[-1].out, start, create_graph=False, retain_graph=True)
-    first = legrad_attention_pool_relevance(b, rec[0].out, start, create_graph=False, retain_graph=True)
-    assert last.abs().max() < 1e-5 < first.abs().max()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,7 +11,8 @@ The vision tower is used as a token grid: the patch embedding conv (``rgb_stem_c
 works), the position embedding (resampled with ``transformers``' own ``interpolate_pos_encoding`` for other sizes),
 the encoder layers as ``blocks`` and the model's own pooling: CLIP's post-layernorm of [CLS] and
 ``visual_projection``; SigLIP's post-layernorm of all tokens and its attention-pool head
-(``SiglipMultiheadAttentionPoolingHead``, exposed to LeGrad through :meth:`HFBackbone.attention_pool_embed`).
+(``SiglipMultiheadAttentionPoolingHead``, exposed to LeGrad through :meth:`HFBackbone.attention_pool_embed`,
+which follows the official LeGrad: the pool on each layer's raw output, without ``post_layernorm``).
 """
 
 from __future__ import annotations
@@ -270,25 +271,29 @@ class HFBackbone(Backbone):
         return out.reshape(*lead, out.shape[-1])
 
     @property
-    def attention_pool(self) -> nn.Module | None:
-        """SigLIP's attention-pool head (``SiglipMultiheadAttentionPoolingHead``); ``None`` for CLIP ([CLS] pooling)."""
-        return self.model.vision_model.head if self.family == "siglip" else None
+    def has_attention_pool(self) -> bool:
+        """Whether the image embedding comes from an attention pool (SigLIP's head) rather than a [CLS] token."""
+        return self.family == "siglip"
 
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's pooling of a block's output with the pool's attention kept (SigLIP only).
+        """SigLIP's attention-pool head applied to one block's output, with the pool's attention kept.
+
+        As the official LeGrad for SigLIP, the tower's final norm before the pool (``post_layernorm``) is *not*
+        applied: every layer's raw block output goes to the head (its own layer norm and MLP are applied).
 
         Args:
             tokens: ``[B, T, C]`` output of any block.
 
         Returns:
-            ``(embedding [B, D], probs [B, H, Q, T])``: the image embedding through the post-layernorm and the
-            attention-pool head, and the head's post-softmax attention of its ``Q = 1`` probe over the ``T`` tokens
-            (on the autograd graph; an autograd leaf when nothing upstream requires grad).
+            ``(embedding [B, D], probs [B, H, Q, T])``: the head's output and its post-softmax attention of the
+            ``Q = 1`` probe over the ``T`` tokens (on the autograd graph; an autograd leaf when nothing upstream
+            requires grad).
         """
-        if self.attention_pool is None:
+        if not self.has_attention_pool:
             raise UnsupportedModelError(f"{self.family} pools its [CLS] token: it has no attention-pool head")
-        with MHAPoolRecorder(self.attention_pool.attention) as rec:
-            embedding = self.pool_tokens(tokens)
+        head = self.model.vision_model.head
+        with MHAPoolRecorder(head.attention) as rec:
+            embedding = head(tokens)
         return embedding, rec.record.probs
 
     def block_parts(self, block: nn.Module) -> BlockParts:

@@ -44,9 +44,9 @@ def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: 
 # ------------------------------------------------------------------------------------ attention-pool heads (SigLIP)
 def uses_attention_pool(backbone: Backbone) -> bool:
     """Whether ``backbone`` pools through an attention-pool head: it has ``attention_pool_embed`` and does not say
-    ``attention_pool = None`` (an adapter serving pooled and [CLS] models alike, e.g. ``HFBackbone``, says so)."""
+    ``has_attention_pool = False`` (an adapter serving pooled and [CLS] models alike, e.g. ``HFBackbone``)."""
     has_method = callable(getattr(backbone, "attention_pool_embed", None))
-    return has_method and getattr(backbone, "attention_pool", 1) is not None
+    return has_method and bool(getattr(backbone, "has_attention_pool", True))
 
 
 def legrad_attention_pool_relevance(
@@ -54,10 +54,10 @@ def legrad_attention_pool_relevance(
 ) -> torch.Tensor:
     """LeGrad's per-layer relevance on a model that pools with an attention head (the official recipe for SigLIP).
 
-    The pool is applied to the layer's tokens (``backbone.attention_pool_embed``: the model's own route to the
-    embedding); the score is ``s = <e, normalize(pool(tokens))>``; its gradient with respect to the pool's
-    post-softmax attention ``[B, H, Q, T]`` (the learned queries over the tokens) is clamped at 0 and averaged over
-    heads and queries.
+    The pool is applied to the layer's raw output (``backbone.attention_pool_embed``; as the official code, without
+    the tower's final norm); the score is ``s = <e, normalize(pool(tokens))>``; its gradient with respect to the
+    pool's post-softmax attention ``[B, H, Q, T]`` (the learned queries over the tokens) is clamped at 0 and averaged
+    over heads and queries.
 
     Args:
         backbone: a backbone with ``attention_pool_embed``.
@@ -84,9 +84,11 @@ class LeGrad(Explainer):
     are summed and min-max normalised per map.
 
     On a model that pools with an attention head (SigLIP: ``attention_pool_embed``) LeGrad follows the official
-    recipe for such models instead: per layer the pool is applied to that layer's tokens, and the gradient is taken
-    with respect to the *pool's* attention over the tokens (see :func:`legrad_attention_pool_relevance`); the rest
-    (ReLU, mean over heads and queries, sum over layers, min-max) is unchanged and ``pooling`` is not used.
+    recipe for such models instead: per layer the pool is applied to that layer's raw output, and the gradient is
+    taken with respect to the *pool's* attention over the tokens (see :func:`legrad_attention_pool_relevance`); ReLU,
+    mean over heads and queries, sum over layers; as the official code, the sum is min-max normalised on the token
+    grid and then upsampled bilinearly by the patch size. ``pooling`` is not used. (The official code's optional
+    "empty text" correction is not applied.)
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -126,17 +128,20 @@ class LeGrad(Explainer):
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
+        pool = uses_attention_pool(backbone)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
                 retain = create_graph or recorder is not None or i < len(layers) - 1
-                if uses_attention_pool(backbone):
-                    relevance = legrad_attention_pool_relevance(backbone, record.out, targets, create_graph, retain)
-                    total = total + relevance_to_map(relevance, grid, backbone.patch_size)
+                if pool:
+                    total = total + legrad_attention_pool_relevance(backbone, record.out, targets, create_graph, retain)
                     continue
                 score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
                 (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)
+        if pool:  # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
+            grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
+            return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]
         return min_max(total, self.eps)
