@@ -334,14 +334,15 @@ def test_clip_strategies_agree_with_naive(backbones, layers, size):
     assert MaskInversion(b, layers=layers).plan(size, 3) in ("per_step", "precomputed")
 
 
-def test_siglip_maskinversion_runs_naive(backbones):
+@pytest.mark.parametrize("layers", [(-1,), (0, 1, 2)])
+def test_siglip_maskinversion_runs_naive(backbones, layers):
     b = backbones["siglip"]
     torch.manual_seed(0)
     image = torch.randn(1, 3, 64, 64)
     masks = torch.zeros(2, 64, 64)
     masks[0, :32, :32] = 1
     masks[1, 32:, 16:] = 1
-    res = MaskInversion(b, layers=(0, 1, 2), iterations=8)(image, masks)
+    res = MaskInversion(b, layers=layers, iterations=8)(image, masks)
     assert res.strategy == "naive"  # auto: the attention-pool recipe has no decomposition
     assert res.loss_history[-1] < res.loss_history[0] - 0.05
     assert torch.isfinite(res.embeddings).all() and not any(p.requires_grad for p in b.parameters())
