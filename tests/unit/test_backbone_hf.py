@@ -403,6 +403,25 @@ def test_training_parts_and_export(folders, family):
         torch.testing.assert_close(fresh.get_image_features(pixel_values=x).pooler_output, b.encode_image(x))
 
 
+def test_exported_weights_load_back_as_a_folder(folders, tmp_path):
+    """What ContrastiveModule(export_path=...) writes, put in a copy of the folder as model.safetensors."""
+    import shutil
+
+    from regionembed.io import save_safetensors
+
+    root, _ = folders
+    b = HFBackbone(str(root / "siglip"))
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(0.01)  # "trained"
+    shutil.copytree(root / "siglip", tmp_path / "trained")
+    save_safetensors(b.export_state_dict(), tmp_path / "trained" / "model.safetensors", metadata={"model_name": "x"})
+    loaded = HFBackbone(str(tmp_path / "trained"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x), b.encode_image(x), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradcam_drives_maskinversion(backbones, family):
     """The generic autograd path (a second-order backward through Grad-CAM, and through SigLIP's pool head)."""
