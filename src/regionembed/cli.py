@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import zoo
 from .backbones.attention import UnsupportedModelError
+from .backbones.base import Backbone
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
 from .callbacks.writer import image_folder
@@ -185,11 +186,11 @@ class InferCLI(_RegionembedCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        backbone = getattr(self.model, "backbone", None)
+        backbone = getattr(self.model, "backbone", None)  # a module without a backbone warns about nothing
         config = self.config[self.subcommand]
-        if getattr(backbone, "weights", None) == "random" and not config.get("ckpt_path"):
+        if isinstance(backbone, Backbone) and backbone.weights == "random" and not config.get("ckpt_path"):
             rank_zero_warn(
-                f"{type(backbone).__name__}({getattr(backbone, 'model_name', '')!r}) has RANDOM weights "
+                f"{type(backbone).__name__}({backbone.model_name!r}) has RANDOM weights "
                 "(pretrained: null): its maps, embeddings and prompt probabilities mean nothing. Use real weights "
                 "for results (`infer.py single --help` lists the choices)."
             )
@@ -367,10 +368,11 @@ def _backbone_for(model: str, weights: str | None) -> dict[str, Any]:
         if weights is None:
             raise CLIError(f"--model {name} needs --weights: a hub tag (e.g. openai), a local weights file, or none")
         pretrained = None if weights.lower() == "none" else weights
-    config = open_clip.get_model_config(name) or {}
-    resnet = isinstance(config.get("vision_cfg", {}).get("layers"), list | tuple)
-    cls = "OpenCLIPResNetBackbone" if resnet else "OpenCLIPBackbone"
-    return {"class_path": f"regionembed.backbones.{cls}", "init_args": {"model_name": name, "pretrained": pretrained}}
+    # OpenCLIPBackbone picks the adapter for the model's image tower (ViT, ResNet, ...)
+    return {
+        "class_path": "regionembed.backbones.OpenCLIPBackbone",
+        "init_args": {"model_name": name, "pretrained": pretrained},
+    }
 
 
 def single_args(argv: Sequence[str]) -> list[str]:

@@ -28,7 +28,7 @@ from torchvision.ops import masks_to_boxes, roi_align
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from .backbones.alpha import alpha_from_boxes, alpha_from_masks, whole_image_alpha
-from .backbones.base import Backbone
+from .backbones.base import Backbone, TokenGridBackbone, require
 from .explainers.base import Explainer
 from .inversion import MaskInversion, check_masks
 
@@ -261,6 +261,7 @@ class MaskPoolEmbedding(RegionEmbedder):
     name = "mask_pool"
 
     def embed(self, backbone, image, masks):
+        require(backbone, TokenGridBackbone, "mask_pool", alternative="crop, context_crop or mask_inversion")
         with torch.no_grad():
             tokens = backbone.forward_blocks(backbone.embed_tokens(image[None]))[0, backbone.num_prefix_tokens :]
             dense = backbone.legrad_head(tokens)  # [h*w, D]

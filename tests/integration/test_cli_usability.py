@@ -115,7 +115,7 @@ def test_single_translation():
     assert '--model.init_args.prompt_templates=["a {}."]' in args
     assert args[-2:] == ["--trainer.devices", "2"]
     rn = single_args(["i.png", "m.png", "--model", "RN50", "--weights", "none"])
-    assert '"regionembed.backbones.OpenCLIPResNetBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
+    assert '"regionembed.backbones.OpenCLIPBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,20 @@ pytest.importorskip("tokenizers")
 
 from conftest import make_masks
 from helpers.hf_models import CONTEXT, EOS, PATCH, SIZE, save_tiny
-from regionembed.backbones import AttentionRecorder, HFBackbone, MHAPoolRecorder, UnsupportedModelError
+from regionembed.backbones import (
+    AttentionRecorder,
+    HFBackbone,
+    MHAPoolRecorder,
+    TokenGridBackbone,
+    UnsupportedModelError,
+    require,
+    uses_attention_pool,
+)
 from regionembed.backbones import hf as hf_module
 from regionembed.backbones.weights import PretrainedWeightsUnavailable
 from regionembed.explainers import AttentionRollout, GradAttention, GradCAM, LeGrad, ScoreCAM, VLScore
 from regionembed.inversion import MaskInversion
+from regionembed.inversion.strategies import decomposition_issue
 
 FAMILIES = ["clip", "siglip"]
 
@@ -221,6 +230,19 @@ def test_pool_recorder_guarantees(backbones):
         backbones["clip"].attention_pool_embed(tokens)
 
 
+def test_backbone_seam_capabilities(backbones):
+    """Both families are token grids; only SigLIP pools with its attention head (LeGrad's pool recipe, no
+    decomposition); CLIP's blocks have the decomposition's pre-norm form."""
+    clip, siglip = backbones["clip"], backbones["siglip"]
+    for b in (clip, siglip):
+        assert require(b, TokenGridBackbone, "LeGrad") is b
+        assert b.rgb_stem_conv is b.model.vision_model.embeddings.patch_embedding
+    assert uses_attention_pool(siglip) and not uses_attention_pool(clip)
+    assert all(siglip.block_parts(blk) is None for blk in siglip.blocks)
+    assert decomposition_issue(siglip, [-1]) is not None and decomposition_issue(clip, [0, -1]) is None
+    assert clip.block_parts(siglip.blocks[0].layer) is None  # not an encoder-layer wrapper: no decomposition
+
+
 def test_unsupported_transformers_version_is_loud(folders, backbones, monkeypatch):
     import transformers
 
@@ -346,7 +368,7 @@ def test_siglip_maskinversion_runs_naive(backbones, layers):
     assert res.strategy == "naive"  # auto: the attention-pool recipe has no decomposition
     assert res.loss_history[-1] < res.loss_history[0] - 0.05
     assert torch.isfinite(res.embeddings).all() and not any(p.requires_grad for p in b.parameters())
-    with pytest.raises(NotImplementedError, match="strategy='naive'"):
+    with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*attention-pool"):
         MaskInversion(b, strategy="per_step", iterations=1)(image, masks)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regionembed.backbones import OpenCLIPResNetBackbone
+from regionembed.backbones import OpenCLIPResNetBackbone, UnsupportedModelError
 from regionembed.explainers import AttentionRollout, GradCAM, LeGrad, ScoreCAM, VLScore, prompt_targets
 from regionembed.inversion import MaskInversion
 from regionembed.text import encode_prompts
@@ -114,7 +114,7 @@ def test_layer_validation(tiny_backbone, tiny_rn):
     with pytest.raises(ValueError, match="out of range"):
         ScoreCAM(layer=7)(tiny_backbone, image, targets)
     image, targets = _inputs(tiny_rn, n=1)
-    with pytest.raises(ValueError, match="unknown ResNet stage"):
+    with pytest.raises(ValueError, match="unknown stage"):
         GradCAM(layer="fc")(tiny_rn, image, targets)
     with pytest.raises(ValueError, match="temperature"):
         VLScore(temperature=0)
@@ -369,7 +369,9 @@ def test_rollout_matches_reference_and_ignores_targets(tiny_ls_backbone):
 
 def test_rollout_needs_a_vit(tiny_rn):
     image, targets = _inputs(tiny_rn, n=1)
-    with pytest.raises(NotImplementedError, match="is a ResNet"):
+    with pytest.raises(UnsupportedModelError, match=r"rollout needs a token-grid .* is a feature-map .*GradCAM"):
         AttentionRollout()(tiny_rn, image, targets)
-    with pytest.raises(NotImplementedError, match="is a ResNet"):
+    with pytest.raises(UnsupportedModelError, match=r"LeGrad needs a token-grid .*re-tiny-rn.*GradCAM"):
         LeGrad()(tiny_rn, image, targets)
+    with pytest.raises(UnsupportedModelError, match=r"MaskInversion with LeGrad maps needs .*GradCAM\(normalize=False"):
+        MaskInversion(tiny_rn)

@@ -1,12 +1,15 @@
 """All map strategies of the MaskInversion solver agree with the naive (official) double backward."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import make_masks
+from regionembed.backbones import UnsupportedModelError
 from regionembed.inversion import MaskInversion
-from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy
+from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy, decomposition_issue
 
 FAST = ["naive_lean", "per_step", "precomputed"]
 
@@ -93,3 +96,13 @@ def test_naive_restores_the_backbone_when_it_fails(tiny_backbone, monkeypatch):
     with pytest.raises(MemoryError):
         MaskInversion(tiny_backbone, strategy="naive")(torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
     assert [p.requires_grad for p in tiny_backbone.parameters()] == flags
+
+
+def test_auto_falls_back_to_naive_when_the_block_tail_does_not_fit(tiny_backbone, monkeypatch, caplog):
+    monkeypatch.setattr(tiny_backbone, "block_parts", lambda block: None)  # e.g. a block without the pre-norm form
+    assert decomposition_issue(tiny_backbone, [-1]) is not None
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        assert MaskInversion(tiny_backbone).plan(32, 2) == "naive"
+    assert "strategy auto runs 'naive'" in caplog.text and "pre-norm form" in caplog.text
+    with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*strategy='naive'"):
+        MaskInversion(tiny_backbone, strategy="per_step")(torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))

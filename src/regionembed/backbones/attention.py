@@ -7,7 +7,8 @@ forward (``softmax(q k^T / sqrt(d)) v``) that keeps the probabilities, the per-h
 intermediate activations. The same ``Parameter`` objects are used (no copies, ``state_dict`` keys unchanged), and
 everything is undone on exit.
 
-Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), timm
+Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), open_clip's
+``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities), timm
 ``vision_transformer.Block`` with ``timm.layers.Attention``, and ``transformers`` ``CLIPAttention`` /
 ``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of :class:`~regionembed.backbones.hf.HFBackbone`.
 :class:`MHAPoolRecorder` records the probe attention of an ``nn.MultiheadAttention`` pooling head (``transformers``'
@@ -74,7 +75,8 @@ class AttentionRecord:
     """What one block left behind during a recorded forward (all batch-first).
 
     Attributes:
-        probs: ``[B, H, T, T]`` post-softmax attention probabilities, on the autograd graph.
+        probs: ``[B, H, T, T]`` post-softmax attention probabilities, on the autograd graph (``[B, H, Q, T]`` for
+            an attention pool's ``Q`` queries).
         v: ``[B, H, T, dh]`` per-head values.
         x_in: ``[B, T, C]`` block input.
         attn_out: ``[B, T, C]`` attention branch output (after the output projection, before layer scale).
@@ -146,6 +148,8 @@ def _mha_forward(recorder: AttentionRecorder, index: int):
         is_causal: bool = False,
     ):
         if not (query is key and key is value):
+            if recorder.cross_attention.get(index, False) and key is value:
+                return _cross_attention(self, query, key, recorder.records[index], recorder.leaf_probs)
             raise UnsupportedModelError("the attention recorder supports self-attention only")
         x = query if self.batch_first else query.transpose(0, 1)
         b, t, c = x.shape
@@ -173,6 +177,34 @@ def _mha_forward(recorder: AttentionRecorder, index: int):
         return out, weights
 
     return forward
+
+
+def _cross_attention(
+    mha: nn.MultiheadAttention, query: torch.Tensor, context: torch.Tensor, record: AttentionRecord, leaf_probs: bool
+) -> tuple[torch.Tensor, None]:
+    """``nn.MultiheadAttention(query, context, context)`` (no masks, batch-first) with the probabilities kept.
+
+    Args:
+        query: ``[B, Q, E]`` queries; context: ``[B, T, kdim]`` keys and values (``kdim`` may differ from ``E``).
+    """
+    b, nq, e = query.shape
+    t = context.shape[1]
+    h = mha.num_heads
+    dh = e // h
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).reshape(b, nq, h, dh).transpose(1, 2)  # [B, H, Q, dh]
+    k = F.linear(context, w_k, b_k).reshape(b, t, h, dh).transpose(1, 2)  # [B, H, T, dh]
+    v = F.linear(context, w_v, b_v).reshape(b, t, h, dh).transpose(1, 2)
+    o = _explicit_attention(
+        query, q, k, v, dh**-0.5, None, mha.dropout if mha.training else 0.0, record, leaf_probs
+    )  # [B, H, Q, dh]
+    out = F.linear(o.transpose(1, 2).reshape(b, nq, e), mha.out_proj.weight, mha.out_proj.bias)
+    record.attn_out = out
+    return out, None
 
 
 def _timm_forward(recorder: AttentionRecorder, index: int):
@@ -206,6 +238,13 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
     attn = getattr(block, "attn", None)
     if isinstance(attn, nn.MultiheadAttention):
         check_library_versions("open_clip")
+        from open_clip.transformer import AttentionalPooler
+
+        if isinstance(block, AttentionalPooler):  # CoCa: learned queries attend over the tokens
+            if attn.bias_k is not None or attn.add_zero_attn or not attn.batch_first:
+                raise UnsupportedModelError("this AttentionalPooler's attention is not supported by the recorder")
+            recorder.cross_attention[index] = True
+            return attn, _mha_forward(recorder, index)
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise UnsupportedModelError("nn.MultiheadAttention with separate q/k/v weights or bias_k is not supported")
         return attn, _mha_forward(recorder, index)
@@ -225,8 +264,8 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
         return attn, hf_forward
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
-        "recorder (supported: open_clip ResidualAttentionBlock, timm vision_transformer.Block, transformers "
-        "CLIP/SigLIP encoder layers)"
+        "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block, "
+        "transformers CLIP/SigLIP encoder layers)"
     )
 
 
@@ -302,24 +341,14 @@ def _mha_cross_forward(pool: MHAPoolRecorder):
             raise UnsupportedModelError("the pool recorder supports unmasked attention with key == value only")
         if not self.batch_first:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
-        b, nq, c = query.shape
-        t, h = key.shape[1], self.num_heads
-        dh = c // h
-        w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
-        b_q, b_kv = self.in_proj_bias.split([c, 2 * c]) if self.in_proj_bias is not None else (None, None)
-        q = F.linear(query, w_q, b_q).reshape(b, nq, h, dh).transpose(1, 2)
-        k, v = (y.reshape(b, t, h, dh).transpose(1, 2) for y in F.linear(key, w_kv, b_kv).chunk(2, dim=-1))
-        record = pool.record
-        record.x_in = key
-        dropout = self.dropout if self.training else 0.0
-        o = _explicit_attention(key, q, k, v, dh**-0.5, None, dropout, record, pool.leaf_probs)
-        out = F.linear(o.transpose(1, 2).reshape(b, nq, c), self.out_proj.weight, self.out_proj.bias)
-        record.attn_out = out
+        pool.record.x_in = key
+        out, _ = _cross_attention(self, query, key, pool.record, pool.leaf_probs)  # as CoCa's pooler: [B, Q, C]
         if not self.batch_first:
             out = out.transpose(0, 1)
         weights = None
         if need_weights:
-            weights = record.probs.mean(dim=1) if average_attn_weights else record.probs
+            probs = pool.record.probs
+            weights = probs.mean(dim=1) if average_attn_weights else probs
         return out, weights
 
     return forward
@@ -338,15 +367,15 @@ class MHAPoolRecorder:
     unchanged, outputs equal to the fused kernel's, nothing left behind on exit, nesting refused.
 
     Args:
-        attn: the pooling head's attention (``batch_first`` or not, packed q/k/v projection, no ``bias_k``).
+        attn: the pooling head's attention (``batch_first`` or not, no ``bias_k``).
         leaf_probs: as in :class:`AttentionRecorder`.
     """
 
     def __init__(self, attn: nn.Module, leaf_probs: bool = True) -> None:
         if not isinstance(attn, nn.MultiheadAttention):
             raise UnsupportedModelError(f"MHAPoolRecorder needs an nn.MultiheadAttention, got {type(attn).__name__}")
-        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise UnsupportedModelError("nn.MultiheadAttention with separate q/k/v weights or bias_k is not supported")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModelError("nn.MultiheadAttention with bias_k or add_zero_attn is not supported")
         self.attn = attn
         self.leaf_probs = leaf_probs
         self.record = AttentionRecord()
@@ -371,7 +400,7 @@ class AttentionRecorder:
         probs = rec.records[-1].probs  # [B, H, T, T], differentiable
 
     Args:
-        blocks: the transformer blocks of the vision tower (``backbone.blocks``).
+        blocks: the transformer blocks of the vision tower (``backbone.blocks``), or attention-pool modules.
         layers: indices into ``blocks`` to record (negative indices allowed).
         leaf_probs: when grad mode is on but nothing upstream requires grad, make the probabilities an autograd
             leaf so that gradients with respect to them can still be taken (the model stays frozen).
@@ -386,6 +415,8 @@ class AttentionRecorder:
         self.layers = sorted({layer % n for layer in layers})
         self.leaf_probs = leaf_probs
         self.records: dict[int, AttentionRecord] = {}
+        #: per recorded index: whether the module is an attention pool (cross-attention from learned queries)
+        self.cross_attention: dict[int, bool] = {}
         self._patches: list[_Patch] = []
 
     def __getitem__(self, layer: int) -> AttentionRecord:

@@ -7,12 +7,13 @@ when the hub is reachable. Supported: ``CLIPModel`` (``model_type`` ``"clip"``) 
 ``transformers`` is an optional dependency (``pip install 'regionembed[hf]'``); this module imports it only when a
 backbone is built.
 
-The vision tower is used as a token grid: the patch embedding conv (``rgb_stem_conv``, so the Alpha-CLIP channel
-works), the position embedding (resampled with ``transformers``' own ``interpolate_pos_encoding`` for other sizes),
-the encoder layers as ``blocks`` and the model's own pooling: CLIP's post-layernorm of [CLS] and
-``visual_projection``; SigLIP's post-layernorm of all tokens and its attention-pool head
-(``SiglipMultiheadAttentionPoolingHead``, exposed to LeGrad through :meth:`HFBackbone.attention_pool_embed`,
-which follows the official LeGrad: the pool on each layer's raw output, without ``post_layernorm``).
+The vision tower is a :class:`~regionembed.backbones.base.TokenGridBackbone`: the patch embedding conv
+(``rgb_stem_conv``, which the alpha-channel add-on hooks), the position embedding (resampled with ``transformers``'
+own ``interpolate_pos_encoding`` for other sizes), the encoder layers as ``blocks`` and the model's own pooling:
+CLIP's post-layernorm of [CLS] and ``visual_projection``; SigLIP's post-layernorm of all tokens and its
+attention-pool head (``SiglipMultiheadAttentionPoolingHead``: the :class:`~regionembed.backbones.base.AttentionPoolHead`
+capability, :meth:`HFBackbone.attention_pool_embed`, which LeGrad's attention-pool recipe uses; ``has_attention_pool``
+is false for CLIP).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .attention import MHAPoolRecorder, UnsupportedModelError, check_library_versions
-from .base import Backbone, BlockParts, PreprocessSpec
+from .base import AttentionPoolHead, BlockParts, PreprocessSpec, TokenGridBackbone
 from .weights import PretrainedWeightsUnavailable, hub_offline
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,11 @@ def _size_from_processor(processor) -> tuple[int | None, str]:
     return side(size), "shortest"
 
 
-class HFBackbone(Backbone):
+class HFBackbone(TokenGridBackbone, AttentionPoolHead):
     """A ``transformers`` ``CLIPModel`` or ``SiglipModel`` as a regionembed backbone.
+
+    Both are token grids; SigLIP's embedding comes from its attention-pool head (:attr:`has_attention_pool`), CLIP's
+    from the [CLS] token (one adapter serves both, as the base class allows for such adapters).
 
     Args:
         path_or_name: a folder written by ``save_pretrained`` (the model, its image processor and tokenizer), or a
@@ -241,11 +245,11 @@ class HFBackbone(Backbone):
         return self.model.vision_model.embeddings.patch_embedding
 
     # ------------------------------------------------------------------------------------------- forward
-    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def input_tokens(self, image: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         emb = vision.embeddings
         conv = emb.patch_embedding
-        x = self.add_alpha(conv(image.to(conv.weight.dtype)), alpha, image)  # [B, C, h, w]
+        x = conv(image.to(conv.weight.dtype))  # [B, C, h, w]; a module call, so the alpha channel's hook runs
         height, width = x.shape[-2] * self._patch, x.shape[-1] * self._patch
         x = x.flatten(2).transpose(1, 2)
         if self.family == "clip":
@@ -286,8 +290,11 @@ class HFBackbone(Backbone):
 
         Returns:
             ``(embedding [B, D], probs [B, H, Q, T])``: the head's output and its post-softmax attention of the
-            ``Q = 1`` probe over the ``T`` tokens (on the autograd graph; an autograd leaf when nothing upstream
-            requires grad).
+            ``Q = 1`` probe over all ``T`` tokens (SigLIP has no prefix tokens; on the autograd graph, an autograd
+            leaf when nothing upstream requires grad).
+
+        Raises:
+            UnsupportedModelError: on CLIP, which pools its [CLS] token.
         """
         if not self.has_attention_pool:
             raise UnsupportedModelError(f"{self.family} pools its [CLS] token: it has no attention-pool head")
@@ -296,14 +303,11 @@ class HFBackbone(Backbone):
             embedding = head(tokens)
         return embedding, rec.record.probs
 
-    def block_parts(self, block: nn.Module) -> BlockParts:
+    def block_parts(self, block: nn.Module) -> BlockParts | None:
         if self.family == "siglip":
-            # LeGrad on an attention-pool head differentiates the pool's attention (the official recipe for SigLIP);
-            # the decomposed MaskInversion strategies are formulas for the mean-token head through the blocks
-            raise NotImplementedError(
-                "SigLIP pools with an attention head: LeGrad explains the pool's attention, which the decomposed "
-                "MaskInversion strategies do not model; use strategy='naive' (what 'auto' picks)"
-            )
+            # the decomposed MaskInversion strategies are formulas for LeGrad's mean-token head through the blocks;
+            # LeGrad on an attention-pool head differentiates the pool's attention instead (the solver runs naive)
+            return None
         layer = block.layer if isinstance(block, HFEncoderBlock) else None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if (
@@ -312,7 +316,7 @@ class HFBackbone(Backbone):
             or not isinstance(getattr(mlp, "fc1", None), nn.Linear)
             or not isinstance(getattr(attn, "out_proj", None), nn.Linear)
         ):
-            raise NotImplementedError(f"no gradient decomposition for {type(layer or block).__name__}")
+            return None
         return BlockParts(
             num_heads=int(attn.num_heads),
             head_dim=int(attn.head_dim),
@@ -360,20 +364,6 @@ class HFBackbone(Backbone):
         for name, p in self.model.named_parameters():
             if not name.startswith(("vision_model.", "visual_projection.")) and name not in _SCALE_PARAMETERS:
                 yield name, p
-
-    def set_trainable(
-        self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
-    ) -> HFBackbone:
-        self.requires_grad_(False)
-        self.image_tower.requires_grad_(image)
-        for _, p in self.text_tower_parameters():
-            p.requires_grad_(text)
-        for name in _SCALE_PARAMETERS:
-            if getattr(self.model, name, None) is not None:
-                getattr(self.model, name).requires_grad_(logit_scale)
-        if self.alpha_embed is not None:
-            self.alpha_embed.requires_grad_(alpha)
-        return self
 
     def eval_text_tower(self) -> None:
         self.model.text_model.eval()

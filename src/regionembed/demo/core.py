@@ -400,14 +400,14 @@ def compare_methods(
     size = tensor.shape[-1]
     masks_s = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", antialias=True)[:, 0]
     masks_s = masks_s.clamp(0, 1).to(text.device)
-    scale = backbone.logit_scale.exp() if hasattr(backbone, "logit_scale") else 100.0
+    scale = backbone.logit_scale.exp() if backbone.logit_scale is not None else 100.0
     image = tensor.to(text.device)
     rows = []
     embeddings = {}
     for method in methods:
         if method == "mask_inversion":
             embeddings[method] = inversion.to(text.device)
-        elif method.startswith("alpha_") and getattr(backbone, "alpha_embed", None) is None:
+        elif method.startswith("alpha_") and backbone.alpha_embed is None:
             continue  # the model has no alpha channel
         else:
             embeddings[method] = METHODS[method]()(backbone, image, masks_s)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["GradAttention", "Pooling", "grad_attention_maps"]
@@ -70,6 +70,7 @@ def grad_attention_maps(
     Returns:
         ``(maps [B, H, W] in [0, 1], embeddings [B, D])``.
     """
+    require(backbone, TokenGridBackbone, "Gradient attention")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(INFERENCE_MODE_MESSAGE)
     if pooling not in ("legrad", "gradcam"):

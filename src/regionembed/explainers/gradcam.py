@@ -2,7 +2,7 @@
 
 Also home of :func:`layer_activations`, the one place where the CAM explainers (Grad-CAM, Score-CAM, VL-Score) read a
 layer's activations as a feature map ``[B, C, h, w]``: the patch tokens of a ViT block (prefix tokens dropped) or a
-ResNet stage (backbones with ``feature_maps``/``pool_features``, e.g.
+stage of a :class:`~regionembed.backbones.base.FeatureMapBackbone` (e.g.
 :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`).
 """
 
@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max
 
-__all__ = ["GradCAM", "LayerActivations", "is_convolutional", "layer_activations"]
-
-
-def is_convolutional(backbone: Backbone) -> bool:
-    """Whether ``backbone`` exposes convolutional feature maps (``feature_maps`` and ``pool_features``)."""
-    return callable(getattr(backbone, "feature_maps", None)) and callable(getattr(backbone, "pool_features", None))
+__all__ = ["GradCAM", "LayerActivations", "layer_activations", "resolve_layer"]
 
 
 def resolve_layer(backbone: Backbone, layer: int | str | None) -> int | str:
@@ -32,8 +27,10 @@ def resolve_layer(backbone: Backbone, layer: int | str | None) -> int | str:
     block (pytorch-grad-cam's ``blocks[-1].norm1`` recipe). Not the last block: a [CLS]-pooled ViT's output patch
     tokens do not reach the embedding at all, so their gradients (and Grad-CAM maps) are zero.
     """
-    if is_convolutional(backbone):
-        return backbone.stage_name("layer4" if layer is None else layer)
+    if isinstance(backbone, FeatureMapBackbone):
+        return backbone.stage_name(-1 if layer is None else layer)
+    # a CAM reads feature maps or block tokens: a backbone with neither capability is refused here
+    require(backbone, TokenGridBackbone, "Grad-CAM/Score-CAM/VL-Score (without feature maps)")
     if layer is None:
         layer = -2 if len(backbone.blocks) > 1 else -1
     if isinstance(layer, str):
@@ -93,7 +90,8 @@ def layer_activations(
             gradients are taken with ``create_graph``; attention after ``layer`` then runs with an explicit softmax).
     """
     layer = resolve_layer(backbone, layer)
-    if is_convolutional(backbone):
+    convolutional = isinstance(backbone, FeatureMapBackbone)
+    if convolutional:
         source = backbone.feature_maps(image, layer)
         prefix, grid = 0, tuple(source.shape[-2:])
     else:
@@ -103,7 +101,7 @@ def layer_activations(
         source.requires_grad_(True)
     embedding = None
     if with_embedding:
-        if is_convolutional(backbone):
+        if convolutional:
             embedding = backbone.pool_features(source, layer, explicit_attention=twice_differentiable)
         else:
             blocks = list(backbone.blocks)
@@ -114,7 +112,10 @@ def layer_activations(
                 x = source
                 for blk in blocks[layer + 1 :]:
                     x = blk(x)
-            embedding = backbone.pool_tokens(x)
+            if twice_differentiable and uses_attention_pool(backbone):
+                embedding = backbone.attention_pool_embed(x)[0]  # the pool's explicit attention, same outputs
+            else:
+                embedding = backbone.pool_tokens(x)
     return LayerActivations(source=source, embedding=embedding, prefix=prefix, grid=grid)
 
 
@@ -141,7 +142,8 @@ class GradCAM(Explainer):
 
     Args:
         layer: ViT block index or ResNet stage (name or index); ``None`` (default) = the penultimate ViT block (the
-            last block's output patch tokens do not reach a [CLS]-pooled embedding: zero gradients) or ``layer4``.
+            last block's output patch tokens do not reach a [CLS]-pooled embedding: zero gradients) or the last
+            stage (``layer4``).
         normalize: score against the normalised image embedding (the cosine, default) or the raw one ``<e, f>``.
         eps: floor of the min-max range (a constant map becomes zeros instead of NaN).
     """

@@ -1,4 +1,16 @@
-"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities."""
+"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities.
+
+Two recipes, as the official implementation has them:
+
+* a [CLS]- or mean-pooled ViT: for each explained block ``l``, the score ``<e, normalize(head(mean tokens of
+  block l))>`` is differentiated with respect to block ``l``'s own self-attention probabilities;
+* a model with an attention-pool head (:class:`~regionembed.backbones.base.AttentionPoolHead`: CoCa, SigLIP's "map",
+  PE), the official recipe for SigLIP/CoCa: for each explained block ``l``, the *pool* (with its norm and
+  projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
+  differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
+  and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
+  upsampled bilinearly by the patch size (the official code's order).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
-__all__ = ["LeGrad", "legrad_attention_pool_relevance", "legrad_layer_features", "record_layers", "uses_attention_pool"]
+__all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
 
 
 def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]) -> AttentionRecorder:
@@ -19,6 +31,7 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
 
     Returns the (already exited) recorder holding the records of ``layers``.
     """
+    require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
@@ -41,54 +54,15 @@ def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: 
     return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
 
 
-# ------------------------------------------------------------------------------------ attention-pool heads (SigLIP)
-def uses_attention_pool(backbone: Backbone) -> bool:
-    """Whether ``backbone`` pools through an attention-pool head: it has ``attention_pool_embed`` and does not say
-    ``has_attention_pool = False`` (an adapter serving pooled and [CLS] models alike, e.g. ``HFBackbone``)."""
-    has_method = callable(getattr(backbone, "attention_pool_embed", None))
-    return has_method and bool(getattr(backbone, "has_attention_pool", True))
-
-
-def legrad_attention_pool_relevance(
-    backbone: Backbone, block_out: torch.Tensor, targets: torch.Tensor, create_graph: bool, retain_graph: bool
-) -> torch.Tensor:
-    """LeGrad's per-layer relevance on a model that pools with an attention head (the official recipe for SigLIP).
-
-    The pool is applied to the layer's raw output (``backbone.attention_pool_embed``; as the official code, without
-    the tower's final norm); the score is ``s = <e, normalize(pool(tokens))>``; its gradient with respect to the
-    pool's post-softmax attention ``[B, H, Q, T]`` (the learned queries over the tokens) is clamped at 0 and averaged
-    over heads and queries.
-
-    Args:
-        backbone: a backbone with ``attention_pool_embed``.
-        block_out: ``[B, T, C]`` output of the explained block.
-        targets: ``[B, D]`` target embeddings.
-        create_graph: keep the relevance on the autograd graph.
-        retain_graph: keep the graph of ``block_out`` for later gradients.
-
-    Returns:
-        ``[B, T - prefix]`` relevance of the patch tokens.
-    """
-    embedding, probs = backbone.attention_pool_embed(block_out)
-    score = (targets * F.normalize(embedding, dim=-1)).sum()
-    (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain_graph)
-    return grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
-
-
 class LeGrad(Explainer):
     """LeGrad, as the official implementation computes it.
 
     For each chosen block ``l``: ``s = <e, normalize(head(mean_tokens(block_l output)))>``; the gradient of ``s`` with
     respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
-    are summed and min-max normalised per map.
-
-    On a model that pools with an attention head (SigLIP: ``attention_pool_embed``) LeGrad follows the official
-    recipe for such models instead: per layer the pool is applied to that layer's raw output, and the gradient is
-    taken with respect to the *pool's* attention over the tokens (see :func:`legrad_attention_pool_relevance`); ReLU,
-    mean over heads and queries, sum over layers; as the official code, the sum is min-max normalised on the token
-    grid and then upsampled bilinearly by the patch size. ``pooling`` is not used. (The official code's optional
-    "empty text" correction is not applied.)
+    are summed and min-max normalised per map. On a backbone with an attention-pool head (``pooling="mean"``) the
+    score goes through the pool and the gradient is taken with respect to the pool's attention (the official
+    SigLIP/CoCa recipe, see the module docstring).
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -123,25 +97,36 @@ class LeGrad(Explainer):
             and grad mode is on.
         recorder: reuse a recorded forward (``record_layers``) of ``image``, e.g. across optimisation steps.
         """
+        require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
-        pool = uses_attention_pool(backbone)
+        if self.pooling == "mean" and uses_attention_pool(backbone):
+            return self._explain_attention_pool(backbone, rec, layers, targets, grid, create_graph, recorder)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
-                retain = create_graph or recorder is not None or i < len(layers) - 1
-                if pool:
-                    total = total + legrad_attention_pool_relevance(backbone, record.out, targets, create_graph, retain)
-                    continue
                 score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
                 (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)
-        if pool:  # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
-            grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
-            return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]
         return min_max(total, self.eps)
+
+    def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
+        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the module docstring."""
+        total = 0.0
+        with torch.enable_grad():
+            for i, layer in enumerate(layers):
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out)  # probs [B, H, Q, T]
+                score = (targets * F.normalize(embedding, dim=-1)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
+                (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
+                patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
+                total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
+        grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
-from .legrad import uses_attention_pool
 
 __all__ = ["AttentionRollout"]
 
@@ -24,8 +23,9 @@ class AttentionRollout(Explainer):
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).
 
-    A model without a [CLS] token that pools with an attention head (SigLIP) has no [CLS] row: the pool's attention
-    over the last tokens (mean over heads and queries) is the last step of the product and its row is the map.
+    On a model whose embedding comes from an attention-pool head (:func:`~regionembed.backbones.uses_attention_pool`:
+    SigLIP, which has no [CLS] token, CoCa) the [CLS] row is not what the embedding reads: the pool's attention over
+    the last block's tokens (mean over heads and queries) is the last step of the product and its row is the map.
 
     Args:
         start_layer: first block included (0: all blocks; some works skip the first few).
@@ -44,7 +44,8 @@ class AttentionRollout(Explainer):
 
     @torch.no_grad()
     def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = len(backbone.blocks)  # a ResNet backbone raises NotImplementedError here, naming the alternatives
+        require(backbone, TokenGridBackbone, "Attention rollout", alternative="GradCAM, ScoreCAM or VLScore")
+        n = len(backbone.blocks)
         start = backbone.layer_indices([self.start_layer])[0]
         layers = list(range(start, n))
         # the target is ignored: compute the rollout once per distinct image (a broadcast image counts once)
@@ -72,9 +73,10 @@ class AttentionRollout(Explainer):
 
 
 def _pool_row(backbone: Backbone, tokens: torch.Tensor, rollout: torch.Tensor) -> torch.Tensor:
-    """The attention-pool head's row of the rollout: its attention over the last tokens ``[G, T]`` (mean over heads
-    and queries; no residual, the pool has none around its attention) times the rollout ``[G, T, T]``, patch
-    columns ``[G, h*w]``."""
-    _, probs = backbone.attention_pool_embed(tokens)
-    row = probs.mean(dim=(1, 2)).unsqueeze(1)  # [G, 1, T]
-    return (row @ rollout)[:, 0, backbone.num_prefix_tokens :]
+    """The attention-pool head's row of the rollout: its attention over the tokens it reads ``[G, T']`` (mean over
+    heads and queries; no residual, the pool has none around its attention) times those tokens' rows of the rollout
+    ``[G, T, T]``; the patch columns (the last ``h*w``) ``[G, h*w]``."""
+    _, probs = backbone.attention_pool_embed(tokens)  # [G, H, Q, T']: T' = T, or the patch tokens only
+    row = probs.mean(dim=(1, 2)).unsqueeze(1)  # [G, 1, T']
+    patches = tokens.shape[1] - backbone.num_prefix_tokens
+    return (row @ rollout[:, -row.shape[-1] :])[:, 0, -patches:]

@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
 from ..explainers.base import Explainer
 from ..explainers.legrad import LeGrad
 from ..losses import dice_loss
-from .strategies import STRATEGIES, ExplainerStrategy, MapStrategy, estimate_costs
+from .strategies import (
+    LEGRAD_ALTERNATIVE,
+    STRATEGIES,
+    ExplainerStrategy,
+    MapStrategy,
+    decomposition_issue,
+    estimate_costs,
+)
 
 __all__ = ["InversionResult", "MaskInversion", "MaskInversionConfig", "check_masks"]
 
@@ -141,6 +148,7 @@ class MaskInversion:
             explainer = None
         self.explainer = explainer
         if explainer is None:  # check now: an index out of range would otherwise surface mid-run as an IndexError
+            require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
             try:
                 backbone.layer_indices(self.config.layers)
             except ValueError as err:
@@ -155,10 +163,11 @@ class MaskInversion:
             return "explainer"
         if cfg.strategy != "auto":
             return cfg.strategy
-        try:
-            costs = estimate_costs(self.backbone, image_size, num_masks, cfg.iterations, len(cfg.layers))
-        except NotImplementedError:
+        issue = decomposition_issue(self.backbone, cfg.layers)
+        if issue is not None:
+            log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
             return "naive"
+        costs = estimate_costs(self.backbone, image_size, num_masks, cfg.iterations, len(cfg.layers))
         pre, per = costs["precomputed"], costs["per_step"]
         if pre.macs < per.macs and pre.memory <= cfg.memory_budget_mb * 2**20:
             return "precomputed"
@@ -169,13 +178,6 @@ class MaskInversion:
         name = self.plan(image.shape[-1], num_masks)
         if name == "explainer":
             return ExplainerStrategy(self.backbone, image, cfg.layers, num_masks, cfg.eps, explainer=self.explainer)
-        if not name.startswith("naive"):
-            try:
-                self.backbone.block_parts(self.backbone.blocks[cfg.layers[0]])
-            except NotImplementedError:
-                if cfg.strategy != "auto":
-                    raise
-                name = "naive"
         return STRATEGIES[name](self.backbone, image, cfg.layers, num_masks, cfg.eps)
 
     def __call__(self, image: torch.Tensor, masks: torch.Tensor) -> InversionResult:

@@ -31,12 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.attention import AttentionRecorder, UnsupportedModelError
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer, min_max, relevance_to_map
 from ..explainers.legrad import LeGrad
 
-__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "estimate_costs"]
+__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "decomposition_issue", "estimate_costs"]
+
+#: what the LeGrad strategies (all but ``explainer``) need instead, for the error message
+LEGRAD_ALTERNATIVE = "a CAM explainer, MaskInversion(backbone, explainer=GradCAM(normalize=False))"
 
 
 class MapStrategy(abc.ABC):
@@ -46,7 +49,7 @@ class MapStrategy(abc.ABC):
 
     def __init__(self, backbone: Backbone, image: torch.Tensor, layers: Sequence[int], num_masks: int, eps: float):
         self.backbone = backbone
-        self.layers = backbone.layer_indices(layers)
+        self.layers = list(layers)
         self.num_masks = num_masks
         self.eps = eps
         self.grid = backbone.grid_size(tuple(image.shape[-2:]))
@@ -77,7 +80,9 @@ class NaiveStrategy(MapStrategy):
     weight_grads = True
 
     def __init__(self, backbone, image, layers, num_masks, eps):
+        require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
         super().__init__(backbone, image, layers, num_masks, eps)
+        self.layers = backbone.layer_indices(layers)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`"
@@ -266,8 +271,8 @@ class _ReluMeanGrad(torch.autograd.Function):
         return torch.cat(grads), None
 
 
-def _layer_terms(backbone: Backbone, layer: int, record) -> _LayerTerms:
-    parts = backbone.block_parts(backbone.blocks[layer])
+def _layer_terms(backbone: TokenGridBackbone, layer: int, record) -> _LayerTerms:
+    parts = backbone.block_parts(backbone.blocks[layer])  # not None: checked by decomposition_issue
     out = record.out[0].detach()
     attn_out = record.attn_out[0].detach()
     x_mid = record.x_in[0].detach() + (attn_out * parts.ls1 if parts.ls1 is not None else attn_out)
@@ -314,6 +319,10 @@ class PerStepStrategy(MapStrategy):
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
+        issue = decomposition_issue(backbone, layers)
+        if issue is not None:
+            raise UnsupportedModelError(f"the {self.name} strategy cannot run: {issue}; use strategy='naive' or 'auto'")
+        self.layers = backbone.layer_indices(layers)
         with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image))
             self.image_embedding = backbone.pool_tokens(tokens)
@@ -369,8 +378,25 @@ class CostEstimate:
     memory: float
 
 
-def estimate_costs(backbone: Backbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
+def decomposition_issue(backbone: Backbone, layers: Sequence[int]) -> str | None:
+    """Why the decomposed strategies (``per_step``, ``precomputed``) cannot explain ``layers`` of ``backbone``, or
+    ``None`` when they can: they need a token-grid backbone whose explained blocks and last block have the pre-norm
+    form of :class:`~regionembed.backbones.base.BlockParts` (``block_parts`` is not ``None``)."""
+    if not isinstance(backbone, TokenGridBackbone):
+        return f"{type(backbone).__name__} is not a token-grid (vision transformer) backbone"
+    if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention, not a block's
+        return "LeGrad explains an attention-pool head through the pool's attention, which the formulas do not cover"
+    blocks = backbone.blocks
+    for index in sorted({*backbone.layer_indices(layers), len(blocks) - 1}):
+        if backbone.block_parts(blocks[index]) is None:
+            return f"block {index} ({type(blocks[index]).__name__}) does not have the pre-norm form of the formulas"
+    return None
+
+
+def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
     """Rough cost of each strategy for ``num_masks`` masks and ``iterations`` steps on a square image.
+
+    Needs a backbone the decomposition fits (:func:`decomposition_issue` is ``None``).
 
     Counts the dominant matrix products: the image forward, the MLP/projection/attention products of the block tail
     per token (``T * (4C*C + C*C) + H*T*T*dh``), a backward at about twice a forward, the N image copies of

@@ -143,7 +143,7 @@ class MaskInversionModule(L.LightningModule):
         text = self.text_embeddings()
         if text is not None:
             sims = F.normalize(result.embeddings, dim=-1) @ text.T  # [N, P]
-            scale = self.backbone.logit_scale.exp() if hasattr(self.backbone, "logit_scale") else 100.0
+            scale = self.backbone.logit_scale.exp() if self.backbone.logit_scale is not None else 100.0
             out["prompts"] = list(self.prompts)
             out["similarity"] = sims.cpu()
             out["probabilities"] = (scale * sims).softmax(dim=-1).cpu()
