@@ -97,6 +97,11 @@ def _root_cause(err: BaseException, kind: type[BaseException]) -> BaseException 
     return None
 
 
+def preprocess_of(model: L.LightningModule) -> Any:
+    """The preprocessing spec of ``model.backbone`` (None for a model without one): what data modules resize to."""
+    return getattr(getattr(model, "backbone", None), "preprocess", None)
+
+
 class _RegionembedCLI(LightningCLI):
     """What both entry points share: settings checked before any compute, bad settings or files reported in one line.
 
@@ -117,6 +122,12 @@ class _RegionembedCLI(LightningCLI):
                 "--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
                 "model as configured instead (e.g. the zero-shot backbone)"
             )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module resizes and normalises for the model: its `preprocess` comes from the instantiated model's
+        # backbone, so configs never restate it (and cannot disagree with it). Data modules without a `preprocess`
+        # argument are left alone.
+        parser.link_arguments("model", "data.init_args.preprocess", compute_fn=preprocess_of, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -181,6 +192,7 @@ class InferCLI(_RegionembedCLI):
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})
 
@@ -296,7 +308,7 @@ Models (--model):
   NAME                any open_clip model name (open_clip.list_models()), with --weights TAG_OR_FILE
 
 Anything else is passed on to `infer.py predict` (write --key=value), e.g.
-  --model.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
+  --model.init_args.solver.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
 --config FILE adds YAML fragments on top of the defaults (configs/infer/maskinversion.yaml), in order.
 
 Examples:

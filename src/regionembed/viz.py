@@ -22,13 +22,15 @@ def overlay_map(
     colormap: int = cv2.COLORMAP_JET,
 ) -> np.ndarray:
     """Blend a ``[h, w]`` map in [0, 1] (resized bilinearly to the image) over an RGB image; optionally outline a
-    mask ``[H, W]`` (the image's size) in white.
+    mask in white (any resolution of the same uncropped frame,
+    resized to the image).
 
     Args:
         image: the RGB image.
         heatmap: ``[h, w]`` map in [0, 1].
         alpha: weight of the coloured map.
-        mask: optional ``[H, W]`` mask (> 0.5 inside) whose outline is drawn.
+        mask: optional ``[h, w]`` mask (> 0.5 inside) whose outline is drawn; resized (nearest) to the image
+            when its size differs (a mask in the model's S x S frame after a squash resize).
         colormap: an OpenCV colour map (``cv2.COLORMAP_*``).
 
     Returns:
@@ -42,6 +44,8 @@ def overlay_map(
     out = (1 - alpha) * base + alpha * colorize(resized, colormap)
     if mask is not None:
         inside = (np.asarray(mask, dtype=np.float32) > 0.5).astype(np.uint8)
+        if inside.shape != (height, width):
+            inside = cv2.resize(inside, (width, height), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(inside, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, (1.0, 1.0, 1.0), thickness=1)
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

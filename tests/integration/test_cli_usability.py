@@ -17,7 +17,7 @@ from regionembed.cli import CLIError, infer_main, single_args, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
-FAST = ["--model.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
+FAST = ["--model.init_args.solver.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
 
 
 def _env() -> dict[str, str]:

@@ -22,7 +22,7 @@ def test_predict_ddp_two_processes(region_folder, tmp_path):
         f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
         f"--data.root={region_folder}",
         f"--writer.output_dir={out}",
-        "--model.init_args.iterations=2",
+        "--model.init_args.solver.init_args.iterations=2",
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",

@@ -31,8 +31,8 @@ def test_predict_with_an_hf_siglip_folder(region_folder, tmp_path):
             f"--config={fragment}",
             f"--data.root={region_folder}",
             f"--writer.output_dir={out}",
-            "--model.init_args.iterations=2",
-            "--model.init_args.layers=[0, 1, 2]",
+            "--model.init_args.solver.init_args.iterations=2",
+            "--model.init_args.solver.init_args.explainer.init_args.layers=[0, 1, 2]",
             "--trainer.enable_progress_bar=false",
         ]
     )

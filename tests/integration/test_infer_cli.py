@@ -12,7 +12,7 @@ from regionembed.cli import infer_main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "infer" / "maskinversion.yaml")
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
-FAST = ["--model.init_args.iterations=3", "--trainer.enable_progress_bar=false"]
+FAST = ["--model.init_args.solver.init_args.iterations=3", "--trainer.enable_progress_bar=false"]
 
 
 def _check_image_output(folder: Path, regions: list[str], prompts: list[str] | None = None):

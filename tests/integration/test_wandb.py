@@ -21,7 +21,7 @@ def test_wandb_offline_media_and_table(region_folder, tmp_path):
         f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
         f"--config={ROOT / 'configs' / 'logger' / 'wandb.yaml'}",
         f"--data.root={region_folder}",
-        "--model.init_args.iterations=2",
+        "--model.init_args.solver.init_args.iterations=2",
         "--model.init_args.prompts=[a square, a circle]",
         "--trainer.enable_progress_bar=false",
         f"--writer.output_dir={tmp_path / 'out'}",

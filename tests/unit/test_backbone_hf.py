@@ -347,13 +347,13 @@ def test_clip_strategies_agree_with_naive(backbones, layers, size):
     torch.manual_seed(0)
     image = torch.randn(1, 3, size, size)
     masks = make_masks(3, 24, 20)
-    ref = MaskInversion(b, strategy="naive", layers=layers, alpha=0.1, iterations=5)(image, masks)
+    ref = MaskInversion(LeGrad(layers=layers), strategy="naive", alpha=0.1, iterations=5)(b, image, masks)
     for strategy in ["naive_lean", "per_step", "precomputed"]:
-        res = MaskInversion(b, strategy=strategy, layers=layers, alpha=0.1, iterations=5)(image, masks)
+        res = MaskInversion(LeGrad(layers=layers), strategy=strategy, alpha=0.1, iterations=5)(b, image, masks)
         assert res.strategy == strategy
         torch.testing.assert_close(res.maps, ref.maps, atol=1e-5, rtol=0, msg=strategy)
         torch.testing.assert_close(res.loss_history, ref.loss_history, atol=1e-5, rtol=0, msg=strategy)
-    assert MaskInversion(b, layers=layers).plan(size, 3) in ("per_step", "precomputed")
+    assert MaskInversion(LeGrad(layers=layers)).plan(b, size, 3) in ("per_step", "precomputed")
 
 
 @pytest.mark.parametrize("layers", [(-1,), (0, 1, 2)])
@@ -364,12 +364,12 @@ def test_siglip_maskinversion_runs_naive(backbones, layers):
     masks = torch.zeros(2, 64, 64)
     masks[0, :32, :32] = 1
     masks[1, 32:, 16:] = 1
-    res = MaskInversion(b, layers=layers, iterations=8)(image, masks)
+    res = MaskInversion(LeGrad(layers=layers), iterations=8)(b, image, masks)
     assert res.strategy == "naive"  # auto: the attention-pool recipe has no decomposition
     assert res.loss_history[-1] < res.loss_history[0] - 0.05
     assert torch.isfinite(res.embeddings).all() and not any(p.requires_grad for p in b.parameters())
     with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*attention-pool"):
-        MaskInversion(b, strategy="per_step", iterations=1)(image, masks)
+        MaskInversion(strategy="per_step", iterations=1)(b, image, masks)
 
 
 # ------------------------------------------------------------------------------------------ alpha channel
@@ -453,5 +453,5 @@ def test_gradcam_drives_maskinversion(backbones, family):
     masks = torch.zeros(2, 48, 48)
     masks[0, :24, :24] = 1
     masks[1, 24:, 8:] = 1
-    res = MaskInversion(b, explainer=GradCAM(normalize=False), iterations=4)(image, masks)
+    res = MaskInversion(GradCAM(normalize=False), iterations=4)(b, image, masks)
     assert res.strategy == "explainer" and res.loss_history[-1] < res.loss_history[0] - 0.05

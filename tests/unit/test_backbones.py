@@ -150,5 +150,5 @@ def test_open_clip_backbone_from_yaml_class_path():
             '{"class_path": "regionembed.backbones.OpenCLIPBackbone", "init_args": {"model_name": "re-tiny-rn"}}',
         ]
     )
-    backbone = parser.instantiate_classes(cfg).backbone
+    backbone = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).backbone
     assert type(backbone) is OpenCLIPResNetBackbone and backbone.model_name == "re-tiny-rn"

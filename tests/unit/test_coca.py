@@ -162,13 +162,13 @@ def test_mask_inversion_on_coca(coca, caplog):
     with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
         # layers (0, 1): at the start (the image's own embedding) the last layer's pool score is the embedding itself,
         # whose cosine has no gradient; an earlier layer gives the optimisation a direction
-        result = MaskInversion(coca, layers=(0, 1), iterations=8)(image, masks)
+        result = MaskInversion(explainer=LeGrad(layers=(0, 1)), iterations=8)(coca, image, masks)
     assert result.strategy == "naive" and "attention-pool head" in caplog.text
     assert result.loss_history[-1] < result.loss_history[0] - 0.1
     assert result.embeddings.shape == (2, coca.embed_dim) and torch.isfinite(result.embeddings).all()
     with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*attention-pool"):
-        MaskInversion(coca, strategy="per_step")(image, masks)
-    driven = MaskInversion(coca, explainer=GradCAM(normalize=False), iterations=4)(image, masks)  # double backward
+        MaskInversion(strategy="per_step")(coca, image, masks)
+    driven = MaskInversion(explainer=GradCAM(normalize=False), iterations=4)(coca, image, masks)  # double backward
     assert driven.loss_history[-1] < driven.loss_history[0]
 
 

@@ -70,11 +70,11 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
         h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
         target[i, y : y + h, x : x + w] = 1
-    solver = MaskInversion(backbone, strategy=strategy, iterations=iterations)
-    MaskInversion(backbone, strategy=strategy, iterations=1)(image, target[:1])  # warm-up: allocator, kernels
+    solver = MaskInversion(strategy=strategy, iterations=iterations)
+    MaskInversion(strategy=strategy, iterations=1)(backbone, image, target[:1])  # warm-up: allocator, kernels
     with _PeakRSS() as rss:
         start = time.perf_counter()
-        result = solver(image, target)
+        result = solver(backbone, image, target)
         wall = time.perf_counter() - start
     return {
         "model": model,

@@ -34,6 +34,7 @@ from ..callbacks.writer import write_inversion
 from ..data.folder import ImageMaskDataset
 from ..explainers import GradCAM, LeGrad, ScoreCAM, VLScore
 from ..explainers.base import Explainer
+from ..inversion import MaskInversion
 from ..io import atomic_write, load_image, mask_from_pil, save_png
 from ..modules.mask_inversion import MaskInversionModule
 from ..regions import (
@@ -286,16 +287,21 @@ def write_inputs(
 
 
 # ------------------------------------------------------------------------------------------------ a run
+#: the solver's defaults (the official settings), which the demo's controls start from
+OFFICIAL = MaskInversion()
+
+
 @dataclass
 class RunSettings:
-    """The knobs of one run (MaskInversion's are ``MaskInversionModule``'s; defaults: the official ones)."""
+    """The knobs of one run (MaskInversion's build a :class:`~regionembed.inversion.MaskInversion` with LeGrad on
+    ``layers``; defaults: the official ones)."""
 
     prompts: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["{}"])
-    iterations: int = 10
-    lr: float = 0.5
-    strategy: str = "auto"
-    layers: list[int] = field(default_factory=lambda: [-1])
+    iterations: int = OFFICIAL.iterations
+    lr: float = OFFICIAL.lr
+    strategy: str = OFFICIAL.strategy
+    layers: list[int] = field(default_factory=lambda: list(OFFICIAL.explainer.layers))
     explainer: str | None = "LeGrad"
     methods: list[str] = field(default_factory=lambda: ["global", "crop", "masked_crop_grey", "mask_inversion"])
 
@@ -447,10 +453,10 @@ def command_line(
         "--config",
         INFER_CONFIG,
         *spec.cli_overrides(),
-        f"--model.init_args.iterations={settings.iterations}",
-        f"--model.init_args.lr={settings.lr}",
-        f"--model.init_args.strategy={settings.strategy}",
-        f"--model.init_args.layers={list(settings.layers)}",
+        f"--model.init_args.solver.init_args.iterations={settings.iterations}",
+        f"--model.init_args.solver.init_args.lr={settings.lr}",
+        f"--model.init_args.solver.init_args.strategy={settings.strategy}",
+        f"--model.init_args.solver.init_args.explainer.init_args.layers={list(settings.layers)}",
         f"--trainer.accelerator={'cpu' if torch.device(device).type == 'cpu' else 'gpu'}",
     ]
     if settings.prompts:
@@ -492,17 +498,14 @@ def run(
         raise ValueError(f"every template needs a '{{}}' placeholder, got {settings.templates}")
     image_path, mask_paths = write_inputs(run_dir, image, brush_layers, mask_files, boxes)
     sample = ImageMaskDataset([(image_path, mask_paths)], backbone.preprocess)[0]  # the CLI's reader and errors
+    solver = MaskInversion(
+        LeGrad(settings.layers), lr=settings.lr, iterations=settings.iterations, strategy=settings.strategy
+    )
     module = MaskInversionModule(
-        backbone,
-        layers=list(settings.layers),
-        lr=settings.lr,
-        iterations=settings.iterations,
-        strategy=settings.strategy,
-        prompts=settings.prompts or None,
-        prompt_templates=settings.templates,
+        backbone, solver, prompts=settings.prompts or None, prompt_templates=settings.templates
     ).to(device)
     n = sample["masks"].shape[0]
-    strategy = module.solver.plan(sample["image"].shape[-1], n)
+    strategy = module.solver.plan(backbone, sample["image"].shape[-1], n)
     if progress is not None:
         progress(0, settings.iterations, f"MaskInversion: {n} regions, strategy {strategy}")
     with optimizer_steps(lambda step: progress and progress(step, settings.iterations, f"strategy {strategy}")):
@@ -536,7 +539,7 @@ def run(
             table = compare_methods(
                 backbone,
                 sample["image"],
-                sample["masks"],
+                sample["original_masks"],  # full resolution: compare_methods resizes them as soft masks
                 names,
                 text,
                 settings.prompts,

@@ -31,16 +31,12 @@ import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone, TokenGridBackbone, require
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["GradAttention", "Pooling", "grad_attention_maps"]
 
 Pooling = Literal["legrad", "gradcam"]
-
-INFERENCE_MODE_MESSAGE = (
-    "gradient attention cannot run under torch.inference_mode(); with Lightning set `trainer.inference_mode: false` "
-    "(the shipped gradattn configs do)"
-)
 
 
 def grad_attention_maps(
@@ -71,8 +67,7 @@ def grad_attention_maps(
         ``(maps [B, H, W] in [0, 1], embeddings [B, D])``.
     """
     require(backbone, TokenGridBackbone, "Gradient attention")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(INFERENCE_MODE_MESSAGE)
+    require_grad_mode("gradient attention")
     if pooling not in ("legrad", "gradcam"):
         raise ValueError(f"unknown pooling {pooling!r}; choose 'legrad' or 'gradcam'")
     (index,) = backbone.layer_indices([layer])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require, uses_attention_pool
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max
 
 __all__ = ["GradCAM", "LayerActivations", "layer_activations", "resolve_layer"]
@@ -135,7 +136,7 @@ class GradCAM(Explainer):
     Batched (every item has its own target) and differentiable: with ``create_graph`` the maps stay on the autograd
     graph with respect to the targets (and the image/model when they require grad), so Grad-CAM can drive
     MaskInversion through the solver's generic autograd path. Use ``normalize=False`` there:
-    ``MaskInversion(backbone, explainer=GradCAM(normalize=False))``. MaskInversion starts from the image's own
+    ``MaskInversion(explainer=GradCAM(normalize=False))``. MaskInversion starts from the image's own
     embedding, where the gradient of the cosine ``<e, f/|f|>`` vanishes (``e`` is parallel to ``f``): the first map
     is rounding noise, its huge min-max-amplified gradient fills Adam's second moment and the following steps barely
     move (observed on re-small-vit: the loss stalls after one step; with ``normalize=False`` it keeps falling).
@@ -162,10 +163,7 @@ class GradCAM(Explainer):
         create_graph: keep the maps on the autograd graph; default: when ``targets`` or ``image`` require grad
             and grad mode is on.
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "Grad-CAM cannot run under torch.inference_mode(); with Lightning set `trainer.inference_mode: false`"
-            )
+        require_grad_mode("Grad-CAM")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         with torch.enable_grad():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
 from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
@@ -32,11 +33,7 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
     Returns the (already exited) recorder holding the records of ``layers``.
     """
     require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
-            "`trainer.inference_mode: false` (the shipped configs do)"
-        )
+    require_grad_mode("LeGrad")
     with torch.enable_grad(), AttentionRecorder(backbone.blocks, layers) as rec:
         backbone.forward_blocks(backbone.embed_tokens(image), stop=max(rec.layers) + 1)
     return rec

@@ -2,7 +2,9 @@
 
 For a fixed image and a frozen model, LeGrad's layer score ``s = <e, f>`` is *linear* in the (normalised) token
 ``e``, so the gradient of ``s`` with respect to a block's attention probabilities is ``G(e) = J^T e`` for a constant
-Jacobian ``J`` of that block's tail. Three strategies compute ``G``:
+Jacobian ``J`` of that block's tail. These strategies compute the official LeGrad only (``LeGrad(pooling="mean")``,
+:func:`~regionembed.inversion.solver.uses_legrad_strategies`); every other explainer runs :class:`ExplainerStrategy`,
+the explainer recomputed with ``create_graph`` at every step. Three strategies compute ``G``:
 
 ``naive``
     The reference: the official algorithm. The image is repeated once per mask, and each step takes
@@ -39,7 +41,7 @@ from ..explainers.legrad import LeGrad
 __all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "decomposition_issue", "estimate_costs"]
 
 #: what the LeGrad strategies (all but ``explainer``) need instead, for the error message
-LEGRAD_ALTERNATIVE = "a CAM explainer, MaskInversion(backbone, explainer=GradCAM(normalize=False))"
+LEGRAD_ALTERNATIVE = "a CAM explainer, MaskInversion(explainer=GradCAM(normalize=False))"
 
 
 class MapStrategy(abc.ABC):
@@ -83,10 +85,6 @@ class NaiveStrategy(MapStrategy):
         require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
         super().__init__(backbone, image, layers, num_masks, eps)
         self.layers = backbone.layer_indices(layers)
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`"
-            )
         self.images = image.expand(num_masks, -1, -1, -1)
         self.legrad = LeGrad(self.layers, eps=eps)
         self._saved = {p: (p.requires_grad, p.grad) for p in backbone.parameters()}
@@ -131,12 +129,16 @@ class NaiveLeanStrategy(NaiveStrategy):
 
 
 class ExplainerStrategy(MapStrategy):
-    """Any differentiable explainer, recomputed from scratch at every step (no reuse, no decomposition)."""
+    """Any differentiable explainer, recomputed from scratch at every step (no reuse, no decomposition).
+
+    The path of every explainer but the official LeGrad: the explainer's own settings (layers, ``eps``, pooling)
+    apply; ``layers``/``eps`` of the base class are unused.
+    """
 
     name = "explainer"
 
-    def __init__(self, backbone, image, layers, num_masks, eps, explainer: Explainer):
-        super().__init__(backbone, image, layers, num_masks, eps)
+    def __init__(self, backbone, image, num_masks, explainer: Explainer):
+        super().__init__(backbone, image, (), num_masks, getattr(explainer, "eps", 1e-12))
         if not explainer.differentiable:
             raise ValueError(
                 f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
