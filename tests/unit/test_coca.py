@@ -135,6 +135,26 @@ def test_other_explainers_and_region_methods(coca, explainer):
     assert region.shape == (2, coca.embed_dim) and torch.isfinite(region).all()
 
 
+def test_rollout_on_coca_ends_with_the_pool_row(coca):
+    """The embedding reads the pool's output, not the [CLS] token: rollout's last step is the pool's attention over
+    the last block's tokens (mean over heads and queries), the patch columns of that row are the map."""
+    image, _ = _inputs(coca, n=1)
+    n = len(coca.blocks)
+    with torch.no_grad(), AttentionRecorder(coca.blocks, range(n), leaf_probs=False) as rec:
+        tokens = coca.forward_blocks(coca.embed_tokens(image))
+    _, probs = _reference_pool(coca, tokens)
+    roll = None
+    for layer in range(n):
+        a = 0.5 * rec[layer].probs.mean(1) + 0.5 * torch.eye(tokens.shape[1])
+        a = a / a.sum(-1, keepdim=True)
+        roll = a if roll is None else a @ roll
+    grid = coca.grid_size(image.shape[-1])
+    row = (probs.mean(dim=(1, 2)).unsqueeze(1) @ roll)[:, 0, 1:].view(1, 1, *grid)  # [CLS] column dropped
+    row = F.interpolate(row, scale_factor=coca.patch_size, mode="bilinear")[:, 0]
+    expected = (row - row.min()) / (row.max() - row.min())
+    torch.testing.assert_close(AttentionRollout()(coca, image, torch.randn(1, coca.embed_dim)), expected)
+
+
 def test_mask_inversion_on_coca(coca, caplog):
     image, _ = _inputs(coca, n=1)
     masks = torch.zeros(2, 32, 32)

@@ -1,6 +1,7 @@
-"""Backbone adapters (open_clip, timm), the capability classes, the attention recorder and tiny model configs."""
+"""Backbone adapters (open_clip, timm, Hugging Face transformers), the capability classes, the attention recorder and
+tiny model configs."""
 
-from .attention import AttentionRecord, AttentionRecorder, UnsupportedModelError
+from .attention import AttentionRecord, AttentionRecorder, MHAPoolRecorder, UnsupportedModelError
 from .base import (
     AttentionPoolHead,
     Backbone,
@@ -11,6 +12,7 @@ from .base import (
     require,
     uses_attention_pool,
 )
+from .hf import HFBackbone
 from .open_clip import TINY_MODELS, OpenCLIPAttentionPoolBackbone, OpenCLIPBackbone, OpenCLIPViTBackbone
 from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
@@ -24,6 +26,8 @@ __all__ = [
     "Backbone",
     "BlockParts",
     "FeatureMapBackbone",
+    "HFBackbone",
+    "MHAPoolRecorder",
     "OpenCLIPAttentionPoolBackbone",
     "OpenCLIPBackbone",
     "OpenCLIPResNetBackbone",

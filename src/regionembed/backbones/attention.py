@@ -8,8 +8,11 @@ intermediate activations. The same ``Parameter`` objects are used (no copies, ``
 everything is undone on exit.
 
 Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), open_clip's
-``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities) and timm
-``vision_transformer.Block`` with ``timm.layers.Attention``. Anything else raises :class:`UnsupportedModelError`.
+``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities), timm
+``vision_transformer.Block`` with ``timm.layers.Attention``, and ``transformers`` ``CLIPAttention`` /
+``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of :class:`~regionembed.backbones.hf.HFBackbone`.
+:class:`MHAPoolRecorder` records the probe attention of an ``nn.MultiheadAttention`` pooling head (``transformers``'
+``SiglipMultiheadAttentionPoolingHead``). Anything else raises :class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionRecord", "AttentionRecorder", "UnsupportedModelError", "check_library_versions"]
+__all__ = [
+    "AttentionRecord",
+    "AttentionRecorder",
+    "MHAPoolRecorder",
+    "UnsupportedModelError",
+    "check_library_versions",
+]
 
 # Versions whose attention internals this module was written and tested against.
-_SUPPORTED = {"open_clip": ((3, 0), (4, 0)), "timm": ((1, 0), (1, 1))}
+_SUPPORTED = {"open_clip": ((3, 0), (4, 0)), "timm": ((1, 0), (1, 1)), "transformers": ((5, 24), (6, 0))}
 
 
 class UnsupportedModelError(RuntimeError):
@@ -47,6 +56,10 @@ def check_library_versions(library: str) -> None:
         import timm
 
         version = timm.__version__
+    elif library == "transformers":
+        import transformers
+
+        version = transformers.__version__
     else:
         raise UnsupportedModelError(f"unknown library {library!r}")
     low, high = _SUPPORTED[library]
@@ -246,10 +259,135 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
         if not hasattr(timm_attention, "resolve_self_attn_mask"):
             raise UnsupportedModelError("this timm 1.0.x predates the attention internals the recorder was written for")
         return attn, _timm_forward(recorder, index)
+    hf_forward = _hf_attention_forward_for(attn, recorder, index)
+    if hf_forward is not None:
+        return attn, hf_forward
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
-        "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block)"
+        "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block, "
+        "transformers CLIP/SigLIP encoder layers)"
     )
+
+
+# --------------------------------------------------------------------------- Hugging Face transformers (CLIP, SigLIP)
+def _hf_attention_classes() -> tuple[type, ...]:
+    """``transformers``' CLIP and SigLIP attention classes, or ``()`` when ``transformers`` was never imported (then
+    no module can be one of them, and importing it here would cost seconds for nothing)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return ()
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.siglip.modeling_siglip import SiglipAttention
+
+    return CLIPAttention, SiglipAttention
+
+
+def _hf_attention_forward_for(attn: nn.Module | None, recorder: AttentionRecorder, index: int):
+    """The explicit forward for a ``transformers`` CLIP/SigLIP attention, ``None`` for any other module."""
+    classes = _hf_attention_classes()
+    if not classes or not isinstance(attn, classes):
+        return None
+    check_library_versions("transformers")
+    missing = [a for a in ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale") if not hasattr(attn, a)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(attn).__name__} of this transformers version lacks {', '.join(missing)}: pin a supported version"
+        )
+    return _hf_forward(recorder, index)
+
+
+def _hf_forward(recorder: AttentionRecorder, index: int):
+    """An explicit forward for ``CLIPAttention`` / ``SiglipAttention`` (what their eager kernel computes, with the
+    probabilities kept): ``(hidden_states, attention_mask=None, **kwargs) -> (output, probs)``."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        b, t, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        bias = _mask_to_bias(attention_mask, q.dtype, b, q.shape[1])  # transformers passes an additive mask
+        if getattr(self, "is_causal", False):
+            causal = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+            bias = causal if bias is None else bias + causal
+        record = recorder.records[index]
+        dropout = float(self.dropout) if self.training else 0.0
+        o = _explicit_attention(hidden_states, q, k, v, self.scale, bias, dropout, record, recorder.leaf_probs)
+        out = self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+        record.attn_out = out
+        return out, record.probs
+
+    return forward
+
+
+# ------------------------------------------------------------------ attention-pool heads: nn.MultiheadAttention probe
+def _mha_cross_forward(pool: MHAPoolRecorder):
+    """An explicit forward for ``nn.MultiheadAttention`` used as a pooling head: learned queries ``[B, Q, C]``
+    attending to tokens ``[B, T, C]`` (key is value)."""
+
+    def forward(
+        self: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if key is not value or attn_mask is not None or key_padding_mask is not None or is_causal:
+            raise UnsupportedModelError("the pool recorder supports unmasked attention with key == value only")
+        if not self.batch_first:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+        pool.record.x_in = key
+        out, _ = _cross_attention(self, query, key, pool.record, pool.leaf_probs)  # as CoCa's pooler: [B, Q, C]
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            probs = pool.record.probs
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+        return out, weights
+
+    return forward
+
+
+class MHAPoolRecorder:
+    """Record the probe attention of an ``nn.MultiheadAttention`` pooling head, with gradients.
+
+    Example::
+
+        with MHAPoolRecorder(siglip_vision.head.attention) as rec:
+            embedding = siglip_vision.head(tokens)
+        probs = rec.record.probs  # [B, H, Q, T]: the Q learned queries' attention over the T tokens
+
+    The same guarantees as :class:`AttentionRecorder`: the same ``Parameter`` objects, ``state_dict`` keys
+    unchanged, outputs equal to the fused kernel's, nothing left behind on exit, nesting refused.
+
+    Args:
+        attn: the pooling head's attention (``batch_first`` or not, no ``bias_k``).
+        leaf_probs: as in :class:`AttentionRecorder`.
+    """
+
+    def __init__(self, attn: nn.Module, leaf_probs: bool = True) -> None:
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise UnsupportedModelError(f"MHAPoolRecorder needs an nn.MultiheadAttention, got {type(attn).__name__}")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModelError("nn.MultiheadAttention with bias_k or add_zero_attn is not supported")
+        self.attn = attn
+        self.leaf_probs = leaf_probs
+        self.record = AttentionRecord()
+
+    def __enter__(self) -> MHAPoolRecorder:
+        if "forward" in self.attn.__dict__:
+            raise RuntimeError("this pooling attention is already instrumented (nested MHAPoolRecorder?)")
+        self.attn.forward = types.MethodType(_mha_cross_forward(self), self.attn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.attn.__dict__.pop("forward", None)
 
 
 class AttentionRecorder:

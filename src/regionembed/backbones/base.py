@@ -197,8 +197,21 @@ class Backbone(nn.Module, abc.ABC):
         self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
     ) -> Backbone:
         """Freeze everything, then let the chosen parts train: the image tower, the text tower, the temperature
-        (``logit_scale``, and a SigLIP bias), the alpha conv (when the backbone has one). Returns ``self``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support choosing trainable towers")
+        (``logit_scale``, and a SigLIP bias), the alpha conv (when the backbone has one). Returns ``self``.
+
+        Written against :attr:`image_tower`, :meth:`text_tower_parameters`, :attr:`logit_scale` and
+        :attr:`logit_bias`, so an adapter that provides those needs nothing more.
+        """
+        self.requires_grad_(False)
+        self.image_tower.requires_grad_(image)
+        for _, p in self.text_tower_parameters():
+            p.requires_grad_(text)
+        for scale in (self.logit_scale, self.logit_bias):
+            if scale is not None:
+                scale.requires_grad_(logit_scale)
+        if self.alpha_embed is not None:
+            self.alpha_embed.requires_grad_(alpha)
+        return self
 
     def eval_text_tower(self) -> None:
         """Put the text tower in eval mode (no dropout), e.g. when it is frozen and its embeddings are cached."""

@@ -281,20 +281,6 @@ class OpenCLIPBackbone(Backbone):
             if not name.startswith("visual.") and name not in _SCALE_PARAMETERS:
                 yield name, p
 
-    def set_trainable(
-        self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
-    ) -> OpenCLIPBackbone:
-        self.requires_grad_(False)
-        self.image_tower.requires_grad_(image)
-        for _, p in self.text_tower_parameters():
-            p.requires_grad_(text)
-        for name in _SCALE_PARAMETERS:
-            if getattr(self.model, name, None) is not None:
-                getattr(self.model, name).requires_grad_(logit_scale)
-        if self.alpha_embed is not None:
-            self.alpha_embed.requires_grad_(alpha)
-        return self
-
     def eval_text_tower(self) -> None:
         for name, child in self.model.named_children():
             if name != "visual":

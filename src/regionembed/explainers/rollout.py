@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone, TokenGridBackbone, require
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["AttentionRollout"]
@@ -22,6 +22,10 @@ class AttentionRollout(Explainer):
     The target is **ignored** (rollout explains the image embedding, not a text): every target gives the same map
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).
+
+    On a model whose embedding comes from an attention-pool head (:func:`~regionembed.backbones.uses_attention_pool`:
+    SigLIP, which has no [CLS] token, CoCa) the [CLS] row is not what the embedding reads: the pool's attention over
+    the last block's tokens (mean over heads and queries) is the last step of the product and its row is the map.
 
     Args:
         start_layer: first block included (0: all blocks; some works skip the first few).
@@ -48,7 +52,7 @@ class AttentionRollout(Explainer):
         shared = image.shape[0] > 1 and image.stride(0) == 0
         images = image[:1] if shared else image
         with AttentionRecorder(backbone.blocks, layers, leaf_probs=False) as rec:
-            backbone.forward_blocks(backbone.embed_tokens(images))
+            tokens = backbone.forward_blocks(backbone.embed_tokens(images))
         rollout = None
         for layer in layers:
             probs = rec.records[layer].probs.mean(dim=1)  # [G, T, T], heads fused by the mean
@@ -56,10 +60,23 @@ class AttentionRollout(Explainer):
             mixed = (1 - self.residual) * probs + self.residual * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
-        relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
+        if uses_attention_pool(backbone):
+            relevance = _pool_row(backbone, tokens, rollout)
+        else:
+            relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         maps = min_max(relevance_to_map(relevance, grid, backbone.patch_size), self.eps)
         return maps.expand(image.shape[0], -1, -1).contiguous() if shared else maps
 
     def __repr__(self) -> str:
         return f"AttentionRollout(start_layer={self.start_layer}, residual={self.residual})"
+
+
+def _pool_row(backbone: Backbone, tokens: torch.Tensor, rollout: torch.Tensor) -> torch.Tensor:
+    """The attention-pool head's row of the rollout: its attention over the tokens it reads ``[G, T']`` (mean over
+    heads and queries; no residual, the pool has none around its attention) times those tokens' rows of the rollout
+    ``[G, T, T]``; the patch columns (the last ``h*w``) ``[G, h*w]``."""
+    _, probs = backbone.attention_pool_embed(tokens)  # [G, H, Q, T']: T' = T, or the patch tokens only
+    row = probs.mean(dim=(1, 2)).unsqueeze(1)  # [G, 1, T']
+    patches = tokens.shape[1] - backbone.num_prefix_tokens
+    return (row @ rollout[:, -row.shape[-1] :])[:, 0, -patches:]
