@@ -82,7 +82,7 @@ def test_the_three_users_run_the_same_solver(built):
     backbone = module.backbone
     torch.manual_seed(0)
     image, masks = torch.randn(3, 32, 32), make_masks(2, 32, 32)
-    out = module.invert({"image": image, "masks": masks, "image_id": "x", "mask_names": ["m0", "m1"]})
+    out = module.invert({"image": image, "masks": masks, "image_id": "x", "region_names": ["m0", "m1"]})
     assert out["strategy"] == "explainer"
     embeddings = regions.methods[0](backbone, image, masks)
     maps = localization.mask_inversion(backbone, image[None], masks)
