@@ -250,3 +250,40 @@ class Backbone(nn.Module, abc.ABC):
         if not torch.isfinite(image).all():
             raise ValueError("image contains NaN or infinite values")
         self.grid_size(tuple(image.shape[-2:]))
+
+
+# ------------------------------------------------------------------------ attention-pool heads (issue 14)
+class AttentionPoolHead(abc.ABC):
+    """Capability of a backbone whose image embedding comes from an attention pool over the tokens (SigLIP's and
+    PE's ``map`` head, CoCa's attentional pooler): learned latent queries attend over the last block's tokens.
+
+    LeGrad on such a model follows the official recipe for SigLIP/CoCa: the gradient of the score flows into the
+    *pool's* attention probabilities (see :class:`~regionembed.explainers.LeGrad`).
+    """
+
+    @property
+    def has_attention_pool(self) -> bool:
+        """Whether this model pools with its attention pool (an adapter class may also carry towers that pool with a
+        [CLS] token, e.g. EVA02 next to SigLIP in the open_clip timm adapter)."""
+        return True
+
+    @abc.abstractmethod
+    def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention pool (and the projection after it) applied to one block's output tokens.
+
+        As the official LeGrad, the tower's final norm before the pool is *not* applied (LeGrad feeds every layer's
+        raw block output to the pool); the pool's own norms, MLP and the projections after it are.
+
+        Args:
+            tokens: ``[B, T, C]`` output of a transformer block.
+
+        Returns:
+            ``(embedding [B, D], probs [B, H, Q, T'])``: the pooled embedding and the pool's post-softmax attention
+            probabilities, on the autograd graph, over the tokens the pool reads: all ``T`` (prefix tokens first) or
+            only the patch tokens (a pool that skips the prefix). The patch tokens are always the last ``h*w``.
+        """
+
+
+def uses_attention_pool(backbone: Backbone) -> bool:
+    """Whether ``backbone`` pools through an attention pool (:class:`AttentionPoolHead` with a pool)."""
+    return isinstance(backbone, AttentionPoolHead) and backbone.has_attention_pool

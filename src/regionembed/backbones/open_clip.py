@@ -142,13 +142,17 @@ class OpenCLIPModelMixin:
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
         )
-        self._tokenizer = get_tokenizer(self.model_name, self.model)
+        self._tokenizer = self._make_tokenizer()
         self.alpha_checkpoint = alpha_checkpoint
         if alpha_checkpoint:
             load_alpha_clip_visual(self, alpha_checkpoint)
         elif alpha_channel:
             self.enable_alpha()
         self.model.eval()
+
+    def _make_tokenizer(self):
+        """The text tokenizer (open_clip's for ``model_name``; overridden where it can come from a local folder)."""
+        return get_tokenizer(self.model_name, self.model)
 
     @property
     def preprocess(self) -> PreprocessSpec:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
@@ -49,6 +49,15 @@ class LeGrad(Explainer):
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
     are summed and min-max normalised per map.
 
+    On a backbone with an attention-pool head (SigLIP, SigLIP2, PE-Core, CoCa:
+    :class:`~regionembed.backbones.base.AttentionPoolHead`), as the official LeGrad for SigLIP: for each chosen block
+    ``l``, the pool (and the projection after it) is applied to block ``l``'s raw output,
+    ``(f, P) = attention_pool_embed(block_l output)`` with ``P`` the pool's attention ``[B, H, Q, T]``;
+    ``s = <e, normalize(f)>``; the gradient of ``s`` with respect to ``P``; ReLU; mean over heads and latent queries;
+    prefix key columns dropped. The layers' relevances are summed, min-max normalised on the token grid, then
+    upsampled bilinearly by the patch size. (The official code's optional "empty text" correction, which needs the
+    hub tokenizer, is not applied; it is off in the official code with ``apply_correction=False``.)
+
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
         eps: floor of the min-max range (a constant map becomes zeros instead of NaN).
@@ -87,6 +96,8 @@ class LeGrad(Explainer):
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
+        if self.pooling == "mean" and uses_attention_pool(backbone):
+            return self._explain_attention_pool(backbone, rec, layers, targets, grid, create_graph, recorder)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
@@ -97,3 +108,18 @@ class LeGrad(Explainer):
                 relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
                 total = total + relevance_to_map(relevance, grid, backbone.patch_size)
         return min_max(total, self.eps)
+
+    def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
+        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the class docstring."""
+        total = 0.0
+        with torch.enable_grad():
+            for i, layer in enumerate(layers):
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out)  # probs [B, H, Q, T]
+                score = (targets * F.normalize(embedding, dim=-1)).sum()
+                retain = create_graph or recorder is not None or i < len(layers) - 1
+                (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
+                patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
+                total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
+        grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["AttentionRollout"]
@@ -18,6 +19,9 @@ class AttentionRollout(Explainer):
     heads, mixed with the identity for the residual path, ``A' = (1 - r) A + r I``, and re-normalised by rows;
     the product ``A'_L ... A'_1`` is taken and its [CLS] row, restricted to the patch columns, is the map (bilinearly
     upsampled by the patch size, min-max normalised).
+
+    On an attention-pool model (SigLIP, PE-Core) the row is the pool's attention over the last block's tokens (mean
+    over heads and latent queries) times the product, ``P_pool A'_L ... A'_1``.
 
     The target is **ignored** (rollout explains the image embedding, not a text): every target gives the same map
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
@@ -47,7 +51,7 @@ class AttentionRollout(Explainer):
         shared = image.shape[0] > 1 and image.stride(0) == 0
         images = image[:1] if shared else image
         with AttentionRecorder(backbone.blocks, layers, leaf_probs=False) as rec:
-            backbone.forward_blocks(backbone.embed_tokens(images))
+            tokens = backbone.forward_blocks(backbone.embed_tokens(images))
         rollout = None
         for layer in layers:
             probs = rec.records[layer].probs.mean(dim=1)  # [G, T, T], heads fused by the mean
@@ -55,7 +59,12 @@ class AttentionRollout(Explainer):
             mixed = (1 - self.residual) * probs + self.residual * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
-        relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
+        if uses_attention_pool(backbone):  # the pool's queries (mean over heads and queries) read the last tokens
+            pool_row = backbone.attention_pool_embed(tokens)[1].mean(dim=(1, 2))  # [G, T] or [G, h*w]
+            pool_row = F.pad(pool_row, (rollout.shape[-1] - pool_row.shape[-1], 0))  # a prefix it skips: weight 0
+            relevance = (pool_row.unsqueeze(1) @ rollout)[:, 0, backbone.num_prefix_tokens :]
+        else:
+            relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         maps = min_max(relevance_to_map(relevance, grid, backbone.patch_size), self.eps)
         return maps.expand(image.shape[0], -1, -1).contiguous() if shared else maps

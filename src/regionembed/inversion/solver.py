@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, uses_attention_pool
 from ..explainers.base import Explainer
 from ..explainers.legrad import LeGrad
 from ..losses import dice_loss
@@ -155,9 +155,17 @@ class MaskInversion:
             return "explainer"
         if cfg.strategy != "auto":
             return cfg.strategy
+        if uses_attention_pool(self.backbone):
+            log.info(
+                "MaskInversion strategy auto: %s pools with an attention pool (LeGrad differentiates the pool's "
+                "attention), which the decomposed strategies do not cover; using 'naive'",
+                type(self.backbone).__name__,
+            )
+            return "naive"
         try:
             costs = estimate_costs(self.backbone, image_size, num_masks, cfg.iterations, len(cfg.layers))
-        except NotImplementedError:
+        except NotImplementedError as err:
+            log.info("MaskInversion strategy auto: %s; using 'naive'", err)
             return "naive"
         pre, per = costs["precomputed"], costs["per_step"]
         if pre.macs < per.macs and pre.memory <= cfg.memory_budget_mb * 2**20:
@@ -169,12 +177,13 @@ class MaskInversion:
         name = self.plan(image.shape[-1], num_masks)
         if name == "explainer":
             return ExplainerStrategy(self.backbone, image, cfg.layers, num_masks, cfg.eps, explainer=self.explainer)
-        if not name.startswith("naive"):
+        if not name.startswith("naive") and not uses_attention_pool(self.backbone):  # the strategy refuses those
             try:
                 self.backbone.block_parts(self.backbone.blocks[cfg.layers[0]])
-            except NotImplementedError:
+            except NotImplementedError as err:
                 if cfg.strategy != "auto":
                     raise
+                log.info("MaskInversion strategy auto: %s; using 'naive'", err)
                 name = "naive"
         return STRATEGIES[name](self.backbone, image, cfg.layers, num_masks, cfg.eps)
 

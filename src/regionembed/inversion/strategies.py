@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.attention import AttentionRecorder, UnsupportedModelError
+from ..backbones.base import Backbone, uses_attention_pool
 from ..explainers.base import Explainer, min_max, relevance_to_map
 from ..explainers.legrad import LeGrad
 
@@ -314,6 +314,12 @@ class PerStepStrategy(MapStrategy):
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
+        if uses_attention_pool(backbone):
+            raise UnsupportedModelError(
+                f"strategy {self.name!r} decomposes LeGrad through a block's self-attention under mean pooling; "
+                f"{type(backbone).__name__} pools with an attention pool (LeGrad differentiates the pool's "
+                "attention): use strategy='naive' (or 'auto')"
+            )
         with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image))
             self.image_embedding = backbone.pool_tokens(tokens)
