@@ -80,7 +80,6 @@ def ours(workdir: Path, dtype: str) -> None:
     sys.path.insert(0, str(REPO / "src"))
     sys.path.insert(0, str(REPO / "tests"))
     from helpers.tokenizers import tiny_hf_tokenizer  # SigLIP's tokenizer is on the hub; no text is encoded here
-
     from regionembed.backbones import OpenCLIPTimmBackbone
     from regionembed.explainers import LeGrad
 

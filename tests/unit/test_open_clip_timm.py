@@ -135,6 +135,14 @@ def test_siglip_text_side_from_a_local_tokenizer(timm_towers):
     assert b.logit_bias is not None
 
 
+def test_no_tokenizer_for_image_side_use():
+    b = OpenCLIPTimmBackbone("re-tiny-siglip", tokenizer=False)
+    assert b.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 48)
+    with pytest.raises(ValueError, match="tokenizer=False"):
+        b.tokenize(["a cat"])
+    assert b.overlong_texts(["a cat"]) == []
+
+
 def test_hub_tokenizer_offline_fails_fast_naming_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -71,13 +71,30 @@ def is_timm_tower(model_name: str) -> bool:
     return bool(cfg.get("vision_cfg", {}).get("timm_model_name"))
 
 
-def _hf_tokenizer(model_name: str, tokenizer: str | None):
+class _NoTokenizer:
+    """Stands in for the tokenizer of a backbone built with ``tokenizer=False`` (image-side use only)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, texts) -> torch.Tensor:
+        raise ValueError(
+            f"{self.model_name} was built with tokenizer=False (no text side); pass tokenizer='/path/to/folder' "
+            "(or None to load it from the hub) to tokenize texts"
+        )
+
+
+def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
     """open_clip's tokenizer for ``model_name``; a Hugging Face one from the local folder ``tokenizer`` if given.
 
     Raises:
         PretrainedWeightsUnavailable: the hub tokenizer cannot be downloaded (offline), naming ``tokenizer=``.
         ValueError: ``tokenizer`` is given for a model whose tokenizer is not a Hugging Face one, or is no folder.
     """
+    if tokenizer is False:
+        return _NoTokenizer(model_name)
+    if tokenizer is True:
+        tokenizer = None
     text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name")
     if tokenizer is not None:
@@ -137,7 +154,8 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         alpha_checkpoint: not available for timm towers (the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs).
         tokenizer: a local folder holding the model's Hugging Face tokenizer (``save_pretrained`` output or a hub
             snapshot) for configs whose tokenizer comes from the hub (SigLIP, SigLIP2); ``None`` loads it from the
-            hub (or fails at once offline, naming this argument).
+            hub (or fails at once offline, naming this argument); ``False`` builds no tokenizer (image-side use
+            only: explainers and MaskInversion with given targets, benchmarks; ``tokenize`` then raises).
 
     On an attention-pool model (SigLIP, PE) the capability :meth:`attention_pool_embed` drives LeGrad.
     """
@@ -150,7 +168,7 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         cache_dir: str | None = None,
         alpha_channel: bool = False,
         alpha_checkpoint: str | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | bool | None = None,
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
@@ -207,6 +225,8 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
     def _make_tokenizer(self):
         if self._hf_tokenizer is None:
             return get_tokenizer(self.model_name, self.model)
+        if isinstance(self._hf_tokenizer, _NoTokenizer):
+            return self._hf_tokenizer
         text = getattr(self.model, "text", self.model)
         rows = getattr(getattr(text, "token_embedding", None), "num_embeddings", None)
         ids = len(self._hf_tokenizer.tokenizer)
@@ -363,7 +383,7 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         )
 
     def extra_repr(self) -> str:
-        tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path else ""
+        tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path is not None else ""
         return super().extra_repr() + tok
 
 
