@@ -422,3 +422,39 @@ def test_alpha_channel_on_every_family(tiny_tokenizer):
         b.set_trainable(alpha=True)
         assert all(p.requires_grad for p in b.alpha_embed.parameters())
         assert not any(p.requires_grad for p in b.image_tower.parameters())
+
+
+# ------------------------------------------------------------------------------------------ region methods
+def _region_methods():
+    from regionembed import regions
+
+    return {
+        "global": regions.GlobalEmbedding(),
+        "crop": regions.CropEmbedding(),
+        "masked_crop": regions.MaskedCropEmbedding(),
+        "crop_square": regions.ContextCropEmbedding(),
+        "mask_pool": regions.MaskPoolEmbedding(),
+        "red_circle": regions.RedCircleEmbedding(),
+        "mask_inversion": regions.MaskInversionEmbedding(iterations=2),
+        "alpha_mask": regions.AlphaEmbedding("mask"),
+    }
+
+
+@pytest.mark.parametrize("method", sorted(_region_methods()))
+def test_every_region_method_on_every_family(timm_towers, method, tiny_tokenizer):
+    embedder = _region_methods()[method]
+    for name, b in timm_towers.items():
+        if method.startswith("alpha"):
+            torch.manual_seed(0)
+            tok = tiny_tokenizer if name == "siglip" else None
+            b = OpenCLIPTimmBackbone(b.model_name, alpha_channel=True, tokenizer=tok).requires_grad_(False)
+        image = torch.randn(3, 32, 32)
+        out = embedder(b, image, _mask())
+        assert out.shape == (2, b.embed_dim) and torch.isfinite(out).all()
+
+
+def test_open_clip_backbone_names_the_timm_adapter():
+    with pytest.raises(UnsupportedModelError, match="OpenCLIPTimmBackbone"):
+        from regionembed.backbones import OpenCLIPBackbone
+
+        OpenCLIPBackbone("re-tiny-siglip")

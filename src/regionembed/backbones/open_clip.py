@@ -256,6 +256,12 @@ class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
+        from .open_clip_timm import is_timm_tower
+
+        if is_timm_tower(model_name):  # issue 14: the seam's dispatch picks OpenCLIPTimmBackbone for these
+            raise UnsupportedModelError(
+                f"{model_name} has a timm image tower: use OpenCLIPTimmBackbone({model_name!r}, ...) (same arguments)"
+            )
         self.model_name = model_name
         self.pretrained = pretrained = normalize_pretrained(pretrained)
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
