@@ -378,12 +378,36 @@ def test_mask_inversion_naive_on_every_family(tower):
     assert not any(p.requires_grad for p in tower.parameters())  # restored
 
 
-def test_mask_inversion_auto_falls_back_and_says_so(tower, caplog):
+def test_mask_inversion_auto_picks_and_says_so(tower, caplog):
     image, _ = _inputs(tower, n=1)
     with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
         result = MaskInversion(tower, iterations=1)(image, _mask())
-    assert result.strategy == "naive"
-    assert "using 'naive'" in caplog.text
+    expected = "attention_pool" if uses_attention_pool(tower) else "naive"
+    assert result.strategy == expected
+    assert f"using '{expected}'" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["siglip", "pe"])
+@pytest.mark.parametrize("layers", [(-1,), (0, 1)])
+def test_attention_pool_strategy_agrees_with_naive(timm_towers, name, layers):
+    """The tabulated strategy and the official double backward give the same maps, losses and tokens."""
+    b = timm_towers[name]
+    image, _ = _inputs(b, n=1, seed=3)
+    masks = _mask()
+    results = {
+        s: MaskInversion(b, strategy=s, layers=layers, iterations=4, lr=0.1)(image, masks)
+        for s in ("naive", "attention_pool")
+    }
+    ref, fast = results["naive"], results["attention_pool"]
+    assert fast.strategy == "attention_pool"
+    torch.testing.assert_close(fast.loss_history, ref.loss_history, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.embeddings, ref.embeddings, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.maps, ref.maps, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_pool_strategy_refused_without_a_pool(timm_towers):
+    with pytest.raises(UnsupportedModelError, match="per_step"):
+        MaskInversion(timm_towers["eva02"], strategy="attention_pool", iterations=1)(torch.randn(1, 3, 32, 32), _mask())
 
 
 @pytest.mark.parametrize("strategy", ["per_step", "precomputed"])

@@ -18,7 +18,7 @@ import threading
 import time
 from itertools import pairwise, product
 
-STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto")
+STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto", "attention_pool")
 
 
 def _max_rss_mb() -> float:

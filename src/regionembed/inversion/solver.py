@@ -63,7 +63,8 @@ class MaskInversionConfig:
         iterations: optimisation steps.
         alpha: weight of the ``1 - cos(LET, image embedding)`` regulariser.
         weight_decay: AdamW weight decay.
-        strategy: ``"auto"``, ``"naive"``, ``"naive_lean"``, ``"per_step"`` or ``"precomputed"`` (see ``strategies``).
+        strategy: ``"auto"``, ``"naive"``, ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"``
+            (attention-pool heads; see ``strategies``).
         memory_budget_mb: largest precomputed table ``auto`` may allocate.
         eps: min-max range floor.
     """
@@ -158,10 +159,10 @@ class MaskInversion:
         if uses_attention_pool(self.backbone):
             log.info(
                 "MaskInversion strategy auto: %s pools with an attention pool (LeGrad differentiates the pool's "
-                "attention), which the decomposed strategies do not cover; using 'naive'",
+                "attention, not a block's); using 'attention_pool'",
                 type(self.backbone).__name__,
             )
-            return "naive"
+            return "attention_pool"
         try:
             costs = estimate_costs(self.backbone, image_size, num_masks, cfg.iterations, len(cfg.layers))
         except NotImplementedError as err:
@@ -177,7 +178,7 @@ class MaskInversion:
         name = self.plan(image.shape[-1], num_masks)
         if name == "explainer":
             return ExplainerStrategy(self.backbone, image, cfg.layers, num_masks, cfg.eps, explainer=self.explainer)
-        if not name.startswith("naive") and not uses_attention_pool(self.backbone):  # the strategy refuses those
+        if name in ("per_step", "precomputed") and not uses_attention_pool(self.backbone):  # those it refuses
             try:
                 self.backbone.block_parts(self.backbone.blocks[cfg.layers[0]])
             except NotImplementedError as err:

@@ -19,6 +19,11 @@ Jacobian ``J`` of that block's tail. Three strategies compute ``G``:
     over many masks and iterations at the price of ``D * T * C`` floats per layer.
 
 All three agree numerically (see ``tests/unit/test_strategies.py``).
+
+``attention_pool``
+    For attention-pool heads (SigLIP, PE-Core), where LeGrad differentiates the pool's attention rather than a
+    block's: the Jacobian of the normalised pooled feature with respect to the pool's attention is tabulated once per
+    layer and each step is one product (``tests/unit/test_open_clip_timm.py`` checks it against ``naive``).
 """
 
 from __future__ import annotations
@@ -318,7 +323,7 @@ class PerStepStrategy(MapStrategy):
             raise UnsupportedModelError(
                 f"strategy {self.name!r} decomposes LeGrad through a block's self-attention under mean pooling; "
                 f"{type(backbone).__name__} pools with an attention pool (LeGrad differentiates the pool's "
-                "attention): use strategy='naive' (or 'auto')"
+                "attention): use strategy='attention_pool' (what 'auto' picks) or 'naive'"
             )
         with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image))
@@ -358,11 +363,54 @@ class PrecomputedStrategy(PerStepStrategy):
         return (e @ self.tables[layer_index]).view(e.shape[0], terms.num_tokens, -1)
 
 
+class AttentionPoolStrategy(MapStrategy):
+    """LeGrad on an attention-pool head (SigLIP, PE-Core) from a table: one image forward, no autograd in the model.
+
+    The official recipe differentiates ``s = <e, normalize(f(P))>`` with respect to the pool's attention ``P``
+    (:meth:`~regionembed.backbones.base.AttentionPoolHead.attention_pool_embed` on a block's output, a constant for a
+    fixed image), so ``ds/dP = e @ J`` with ``J = d normalize(f) / dP`` ``[D, H*Q*T]`` per layer, tabulated once
+    (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
+    queries: a ``[N, D] x [D, H*Q*T]`` product (about 7 MB of table per layer for ViT-B-16-SigLIP at 224 px).
+    """
+
+    name = "attention_pool"
+
+    def __init__(self, backbone, image, layers, num_masks, eps):
+        super().__init__(backbone, image, layers, num_masks, eps)
+        if not uses_attention_pool(backbone):
+            raise UnsupportedModelError(
+                f"strategy 'attention_pool' needs an attention-pool head; {type(backbone).__name__} pools otherwise: "
+                "use 'per_step', 'precomputed' or 'naive'"
+            )
+        with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
+            tokens = backbone.forward_blocks(backbone.embed_tokens(image))
+            self.image_embedding = backbone.pool_tokens(tokens)
+        self.tables = []
+        for layer in self.layers:
+            with torch.enable_grad():
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out.detach())
+                features = F.normalize(embedding, dim=-1)[0]  # [D]
+                eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
+                (table,) = torch.autograd.grad(features, probs, grad_outputs=eye, is_grads_batched=True)
+            self.tables.append(table.flatten(1).detach())  # [D, H*Q*T']
+            self._shape = tuple(probs.shape[1:])
+
+    def maps(self, e):
+        patches = self.grid[0] * self.grid[1]
+        total = 0.0
+        for table in self.tables:
+            grad = (e @ table).view(e.shape[0], *self._shape)  # [N, H, Q, T']
+            total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        grid_map = min_max(total.reshape(-1, 1, *self.grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=self.backbone.patch_size, mode="bilinear")[:, 0]
+
+
 STRATEGIES: dict[str, type[MapStrategy]] = {
     "naive": NaiveStrategy,
     "naive_lean": NaiveLeanStrategy,
     "per_step": PerStepStrategy,
     "precomputed": PrecomputedStrategy,
+    "attention_pool": AttentionPoolStrategy,
 }
 
 
