@@ -482,3 +482,35 @@ def test_open_clip_backbone_names_the_timm_adapter():
         from regionembed.backbones import OpenCLIPBackbone
 
         OpenCLIPBackbone("re-tiny-siglip")
+
+
+@pytest.mark.parametrize("variant", [{"qkv_fused": True}, {"qkv_fused": True, "qk_norm": True, "attn_type": "rope"}])
+def test_recorder_on_other_eva_attention_variants(variant):
+    """Fused q/k/v with EVA's separate biases (EVA01/EVA02 classification variants) and AttentionRope with q/k norms."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    m = Eva(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=1,
+        num_heads=3,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+        num_classes=0,
+        **variant,
+    ).eval()
+    attn = m.blocks[0].attn
+    with torch.no_grad():
+        for name in ("q_bias", "v_bias"):
+            if getattr(attn, name, None) is not None:
+                getattr(attn, name).normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m.forward_features(x)
+        with AttentionRecorder(m.blocks, [0]) as rec:
+            out = m.forward_features(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    assert rec[0].probs.shape == (2, 3, 17, 17)
+    assert "forward" not in attn.__dict__

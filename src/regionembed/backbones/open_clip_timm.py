@@ -199,6 +199,13 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
                 f"{model_name}: timm {type(trunk).__name__} towers are not supported (supported: VisionTransformer "
                 "as in SigLIP/SigLIP2, Eva as in EVA02/PE-Core)"
             )
+        from timm.layers import PatchEmbed
+
+        if type(trunk.patch_embed) is not PatchEmbed or not isinstance(trunk.patch_embed.proj, nn.Conv2d):
+            raise UnsupportedModelError(
+                f"{model_name}: the timm tower's {type(trunk.patch_embed).__name__} is not a plain patchify conv "
+                "(hybrid stems such as MobileCLIP's are not supported)"
+            )
         if len(visual.head) or getattr(trunk, "global_pool", "") not in ("map", "token", "avg"):
             raise UnsupportedModelError(f"{model_name}: open_clip timm_pool/timm_proj heads are not supported")
         if getattr(trunk, "rope_mixed", False) or getattr(trunk, "dynamic_img_pad", False):
