@@ -374,6 +374,8 @@ class AttentionPoolStrategy(MapStrategy):
     """
 
     name = "attention_pool"
+    #: basis vectors per batched backward pass while tabulating
+    CHUNK = 64
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
@@ -391,8 +393,13 @@ class AttentionPoolStrategy(MapStrategy):
                 embedding, probs = backbone.attention_pool_embed(rec.records[layer].out.detach())
                 features = F.normalize(embedding, dim=-1)[0]  # [D]
                 eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
-                (table,) = torch.autograd.grad(features, probs, grad_outputs=eye, is_grads_batched=True)
-            self.tables.append(table.flatten(1).detach())  # [D, H*Q*T']
+                rows = []
+                for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes, a chunk at a time (memory)
+                    (part,) = torch.autograd.grad(
+                        features, probs, grad_outputs=eye[i : i + self.CHUNK], is_grads_batched=True, retain_graph=True
+                    )
+                    rows.append(part.flatten(1))
+            self.tables.append(torch.cat(rows).detach())  # [D, H*Q*T']
             self._shape = tuple(probs.shape[1:])
 
     def maps(self, e):
