@@ -18,7 +18,7 @@ from regionembed.backbones import (
 )
 from regionembed.backbones.attention import attention_pool_forward
 from regionembed.backbones.base import uses_attention_pool
-from regionembed.explainers import AttentionRollout, GradCAM, LeGrad, ScoreCAM, VLScore
+from regionembed.explainers import AttentionRollout, GradAttention, GradCAM, LeGrad, ScoreCAM, VLScore
 from regionembed.inversion import MaskInversion
 
 FAMILIES = ("siglip", "eva02", "pe")
@@ -331,6 +331,7 @@ EXPLAINERS = {
     "legrad": lambda: LeGrad(),
     "legrad_all_layers": lambda: LeGrad(layers=(0, 1)),
     "legrad_model_pooling": lambda: LeGrad(pooling="model"),
+    "grad_attention": lambda: GradAttention(),
 }
 
 
