@@ -82,10 +82,12 @@ def test_other_image_sizes_resample_positions_and_rotary_embeddings(timm_towers)
         tokens = b.embed_tokens(x)
         assert tokens.shape[1] == b.num_prefix_tokens + 6 * 5
         assert b.encode_image(x).shape == (1, b.embed_dim)
-    eva = timm_towers["eva02"]
-    rope_native = eva.rotary_embedding((4, 4))
-    torch.testing.assert_close(rope_native, eva.trunk.rope.get_embed())
-    assert eva.rotary_embedding((6, 5)).shape[0] == 30
+    for name in ("eva02", "pe"):
+        rope = timm_towers[name].trunk.rope
+        torch.testing.assert_close(timm_towers[name].rotary_embedding((4, 4)), rope.get_embed())
+        # the rebuild used for other grids gives the cached embedding on the native grid
+        torch.testing.assert_close(rope._build_embed_cat([4, 4], rope.bands), rope.get_embed())
+        assert timm_towers[name].rotary_embedding((6, 5)).shape[0] == 30
 
 
 def test_blocks_called_one_by_one_get_the_rotary_embedding(timm_towers):
@@ -515,3 +517,19 @@ def test_recorder_on_other_eva_attention_variants(variant):
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
     assert rec[0].probs.shape == (2, 3, 17, 17)
     assert "forward" not in attn.__dict__
+
+
+def test_other_image_sizes_match_timms_dynamic_size_path(timm_towers):
+    """At a non-native size the SigLIP tower equals timm's own dynamic-image-size forward (positions resampled)."""
+    import copy
+
+    from timm.layers.format import Format
+
+    b = timm_towers["siglip"]
+    trunk = copy.deepcopy(b.trunk)
+    trunk.dynamic_img_size = True
+    trunk.patch_embed.strict_img_size, trunk.patch_embed.flatten = False, False
+    trunk.patch_embed.output_fmt = Format.NHWC
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(b.encode_image(x), trunk(x), rtol=0, atol=1e-5)
