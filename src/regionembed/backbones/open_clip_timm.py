@@ -16,14 +16,14 @@ pass a local tokenizer folder (saved with ``save_pretrained``, or a snapshot of 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
 import open_clip
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models import register_model
+from open_clip.timm_model import TimmModel
+from timm.layers import LayerScale, PatchEmbed, resample_abs_pos_embed
+from timm.models import eva, register_model
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
@@ -31,8 +31,6 @@ from .attention import UnsupportedModelError, attention_pool_forward, check_libr
 from .base import AttentionPoolHead, Backbone, BlockParts
 from .open_clip import OpenCLIPModelMixin, _create_open_clip, get_tokenizer
 from .weights import PretrainedWeightsUnavailable, hub_offline, normalize_pretrained
-
-log = logging.getLogger(__name__)
 
 __all__ = ["OpenCLIPTimmBackbone", "is_timm_tower"]
 
@@ -51,16 +49,12 @@ def re_tiny_siglip(pretrained: bool = False, **kwargs) -> nn.Module:
 @register_model
 def re_tiny_eva02(pretrained: bool = False, **kwargs) -> nn.Module:
     """``eva02_base_patch16_clip_224`` (rotary embeddings, SwiGLU with its norm) at 32 px, patch 8, width 48."""
-    from timm.models import eva
-
     return eva.eva02_base_patch16_clip_224(pretrained=False, **{**_TINY, "ref_feat_shape": (4, 4), **kwargs})
 
 
 @register_model
 def re_tiny_pe(pretrained: bool = False, **kwargs) -> nn.Module:
     """``vit_pe_core_base_patch16_224`` (``AttentionRope``, [CLS], pre-norm, ``map`` head) at 32 px, width 48."""
-    from timm.models import eva
-
     tiny = {**_TINY, "ref_feat_shape": (4, 4), "attn_pool_num_heads": 3}
     return eva.vit_pe_core_base_patch16_224(pretrained=False, **{**tiny, **kwargs})
 
@@ -188,19 +182,14 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
         visual = self.model.visual
-        from open_clip.timm_model import TimmModel
-        from timm.models.eva import Eva
-
         if not isinstance(visual, TimmModel):
             raise UnsupportedModelError(f"{model_name}: the image tower is {type(visual).__name__}, not a timm tower")
         trunk = visual.trunk
-        if type(trunk) not in (timm_vit.VisionTransformer, Eva):
+        if type(trunk) not in (timm_vit.VisionTransformer, eva.Eva):
             raise UnsupportedModelError(
                 f"{model_name}: timm {type(trunk).__name__} towers are not supported (supported: VisionTransformer "
                 "as in SigLIP/SigLIP2, Eva as in EVA02/PE-Core)"
             )
-        from timm.layers import PatchEmbed
-
         if type(trunk.patch_embed) is not PatchEmbed or not isinstance(trunk.patch_embed.proj, nn.Conv2d):
             raise UnsupportedModelError(
                 f"{model_name}: the timm tower's {type(trunk.patch_embed).__name__} is not a plain patchify conv "
@@ -208,7 +197,7 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
             )
         if len(visual.head) or getattr(trunk, "global_pool", "") not in ("map", "token", "avg"):
             raise UnsupportedModelError(f"{model_name}: open_clip timm_pool/timm_proj heads are not supported")
-        if getattr(trunk, "rope_mixed", False) or getattr(trunk, "dynamic_img_pad", False):
+        if getattr(trunk, "rope_mixed", False) or trunk.patch_embed.dynamic_img_pad:
             raise UnsupportedModelError(f"{model_name}: mixed-mode rotary embeddings / padded inputs not supported")
         drop = getattr(trunk, "patch_drop", None)
         if drop is not None and not isinstance(drop, nn.Identity):
@@ -357,8 +346,6 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         return self._after_pool(pooled), probs
 
     def block_parts(self, block: nn.Module) -> BlockParts:
-        from timm.layers import LayerScale
-
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         plain = (
             type(block) is timm_vit.Block
@@ -392,7 +379,3 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
     def extra_repr(self) -> str:
         tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path is not None else ""
         return super().extra_repr() + tok
-
-
-#: the configs of the tiny timm-tower models shipped with regionembed
-TINY_TIMM_MODELS = ("re-tiny-eva02", "re-tiny-pe", "re-tiny-siglip")
