@@ -145,6 +145,18 @@ def test_no_tokenizer_for_image_side_use():
     assert b.overlong_texts(["a cat"]) == []
 
 
+def test_missing_transformers_names_the_extra(monkeypatch, tiny_tokenizer):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"regionembed\[siglip\]"):
+        OpenCLIPTimmBackbone("re-tiny-siglip", tokenizer=tiny_tokenizer)
+    OpenCLIPTimmBackbone("re-tiny-eva02")  # the CLIP tokenizer needs no transformers
+
+
 def test_hub_tokenizer_offline_fails_fast_naming_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -16,6 +16,7 @@ pass a local tokenizer folder (saved with ``save_pretrained``, or a snapshot of 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -91,6 +92,11 @@ def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
         tokenizer = None
     text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name")
+    if hub_name and importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            f"{model_name}'s tokenizer is a Hugging Face tokenizer: pip install 'regionembed[siglip]' (transformers), "
+            "or pass tokenizer=False for image-side use only"
+        )
     if tokenizer is not None:
         if not hub_name:
             raise ValueError(
