@@ -251,16 +251,16 @@ def cmd_ours(args: argparse.Namespace) -> None:
     backbone.eval().to(dtype)
     image, mask_sets = _load_inputs(work, dtype)
     for strategy in ("naive", "per_step"):  # warm-up (untimed)
-        MaskInversion(backbone, strategy=strategy, lr=config["lr"], iterations=1)(image, mask_sets[MASK_SETS[-1]])
+        MaskInversion(strategy=strategy, lr=config["lr"], iterations=1)(backbone, image, mask_sets[MASK_SETS[-1]])
 
     timings: dict[str, dict] = {}
     for strategy in args.strategies:
         timings[strategy] = {}
-        solver = MaskInversion(backbone, strategy=strategy, lr=config["lr"], iterations=iterations)
+        solver = MaskInversion(strategy=strategy, lr=config["lr"], iterations=iterations)
         for name, masks in mask_sets.items():
             maps.clear()
             start = time.perf_counter()
-            result = solver(image, masks)
+            result = solver(backbone, image, masks)
             elapsed = time.perf_counter() - start
             if result.strategy != strategy:
                 raise RuntimeError(f"asked for {strategy}, ran {result.strategy}")

@@ -78,17 +78,15 @@ def official(workdir: Path, dtype: str) -> None:
 
 def ours(workdir: Path, dtype: str) -> None:
     sys.path.insert(0, str(REPO / "src"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers.tokenizers import tiny_hf_tokenizer  # SigLIP's tokenizer is on the hub; no text is encoded here
-    from regionembed.backbones import OpenCLIPTimmBackbone
+    from regionembed.backbones import OpenCLIPBackbone
     from regionembed.explainers import LeGrad
 
-    tokenizer = tiny_hf_tokenizer(workdir / "tokenizer")
     inputs = load_file(str(workdir / "inputs.safetensors"))
     out = {}
     for s in SIZES:
-        backbone = OpenCLIPTimmBackbone(
-            MODEL, pretrained=str(workdir / "weights.safetensors"), image_size=s, tokenizer=str(tokenizer)
+        # SigLIP's tokenizer is on the hub and no text is encoded here: no tokenizer
+        backbone = OpenCLIPBackbone(
+            MODEL, pretrained=str(workdir / "weights.safetensors"), image_size=s, tokenizer=False
         )
         backbone = backbone.to(DTYPES[dtype]).requires_grad_(False)
         targets = inputs["targets"].to(DTYPES[dtype])

@@ -21,11 +21,12 @@ from regionembed.cli import infer_main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "infer" / "region_cls_synthetic.yaml"
 LEGRAD = "regionembed.explainers.LeGrad"
+SOLVER = "regionembed.inversion.MaskInversion"
 
-#: name -> MaskInversionEmbedding init_args (the official defaults unless said)
+#: name -> MaskInversion init_args (the official defaults unless said)
 SETTINGS: dict[str, dict] = {
     "official": {},
-    "all_blocks": {"layers": [0, 1, 2, 3]},
+    "all_blocks": {"explainer": {"class_path": LEGRAD, "init_args": {"layers": [0, 1, 2, 3]}}},
     "lr_0p1": {"lr": 0.1},
     "lr_1": {"lr": 1.0},
     "iterations_30": {"iterations": 30},
@@ -42,7 +43,10 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/inversion_settings")
     args = parser.parse_args()
     methods = [
-        {"class_path": "regionembed.regions.MaskInversionEmbedding", "init_args": {"name": f"mi_{name}", **kw}}
+        {
+            "class_path": "regionembed.regions.MaskInversionEmbedding",
+            "init_args": {"name": f"mi_{name}", "solver": {"class_path": SOLVER, "init_args": kw}},
+        }
         for name, kw in SETTINGS.items()
     ]
     results = Path(args.output) / "results.json"

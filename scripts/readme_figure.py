@@ -7,7 +7,8 @@ Run from the repository root. Writes ``docs/example/scene.png`` and one mask per
 ``docs/example/masks/`` (a synthetic test scene the model never saw in training), runs the command README shows::
 
     python infer.py single docs/example/scene.png docs/example/masks/*.png --model synthetic \
-        --prompts <the 36 class names> --templates "a {}." --model.init_args.lr=0.1 --output outputs/example
+        --prompts <the 36 class names> --templates "a {}." --model.init_args.solver.init_args.lr=0.1 \
+        --output outputs/example
 
 (``a {}.`` is the caption form the synthetic CLIP was trained on, and lr 0.1 the MaskInversion step that works best
 on it: ``scripts/inversion_settings.py``; the official defaults are tuned for ViT-B/16 at 224 px.)
@@ -97,7 +98,7 @@ def main() -> None:
             *classes,
             "--templates",
             "a {}.",
-            "--model.init_args.lr=0.1",
+            "--model.init_args.solver.init_args.lr=0.1",
             "--output",
             str(args.output),
             "--trainer.enable_progress_bar=false",

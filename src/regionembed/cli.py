@@ -1,4 +1,8 @@
-"""LightningCLI entry points: ``python infer.py`` (test/predict, plus ``single``) and ``python train.py``."""
+"""LightningCLI entry points: ``regionembed-infer`` (test/predict, plus ``single``) and ``regionembed-train``.
+
+The repository's ``infer.py`` and ``train.py`` call the same functions. ``--config regionembed:<name>`` names a config
+shipped in the package (:mod:`regionembed.config_files`), so an installed package runs from any directory.
+"""
 
 from __future__ import annotations
 
@@ -18,16 +22,28 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import zoo
 from .backbones.attention import UnsupportedModelError
+from .backbones.base import Backbone
 from .backbones.weights import PretrainedWeightsUnavailable
 from .callbacks import InversionWriter
 from .callbacks.writer import image_folder
+from .config_files import config_path, expand_config_args
 from .io import InputError
 from .outputs import check_output_dir
 
-__all__ = ["CLIError", "InferCLI", "TrainCLI", "infer_main", "quiet_known_noise", "single_args", "train_main"]
+__all__ = [
+    "CLIError",
+    "InferCLI",
+    "TrainCLI",
+    "infer_command",
+    "infer_main",
+    "quiet_known_noise",
+    "single_args",
+    "train_command",
+    "train_main",
+]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_INFER_CONFIG = REPO_ROOT / "configs" / "infer" / "maskinversion.yaml"
+#: the shipped config that ``single`` stacks its ``--config`` fragments on
+DEFAULT_INFER_CONFIG = "infer/maskinversion.yaml"
 PRETRAINED_KEY = "model.init_args.backbone.init_args.pretrained"
 
 #: ``infer.py single --model`` shortcuts: (open_clip architecture, ``pretrained``)
@@ -96,6 +112,11 @@ def _root_cause(err: BaseException, kind: type[BaseException]) -> BaseException 
     return None
 
 
+def preprocess_of(model: L.LightningModule) -> Any:
+    """The preprocessing spec of ``model.backbone`` (None for a model without one): what data modules resize to."""
+    return getattr(getattr(model, "backbone", None), "preprocess", None)
+
+
 class _RegionembedCLI(LightningCLI):
     """What both entry points share: settings checked before any compute, bad settings or files reported in one line.
 
@@ -116,6 +137,12 @@ class _RegionembedCLI(LightningCLI):
                 "--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
                 "model as configured instead (e.g. the zero-shot backbone)"
             )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module resizes and normalises for the model: its `preprocess` comes from the instantiated model's
+        # backbone, so configs never restate it (and cannot disagree with it). Data modules without a `preprocess`
+        # argument are left alone.
+        parser.link_arguments("model", "data.init_args.preprocess", compute_fn=preprocess_of, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -180,16 +207,17 @@ class InferCLI(_RegionembedCLI):
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(InversionWriter, "writer")
         parser.set_defaults({"writer.output_dir": "outputs/maskinversion"})
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        backbone = getattr(self.model, "backbone", None)
+        backbone = getattr(self.model, "backbone", None)  # a module without a backbone warns about nothing
         config = self.config[self.subcommand]
-        if getattr(backbone, "weights", None) == "random" and not config.get("ckpt_path"):
+        if isinstance(backbone, Backbone) and backbone.weights == "random" and not config.get("ckpt_path"):
             rank_zero_warn(
-                f"{type(backbone).__name__}({getattr(backbone, 'model_name', '')!r}) has RANDOM weights "
+                f"{type(backbone).__name__}({backbone.model_name!r}) has RANDOM weights "
                 "(pretrained: null): its maps, embeddings and prompt probabilities mean nothing. Use real weights "
                 "for results (`infer.py single --help` lists the choices)."
             )
@@ -295,8 +323,8 @@ Models (--model):
   NAME                any open_clip model name (open_clip.list_models()), with --weights TAG_OR_FILE
 
 Anything else is passed on to `infer.py predict` (write --key=value), e.g.
-  --model.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
---config FILE adds YAML fragments on top of the defaults (configs/infer/maskinversion.yaml), in order.
+  --model.init_args.solver.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
+--config FILE adds YAML fragments on top of the defaults (regionembed:infer/maskinversion.yaml), in order.
 
 Examples:
   infer.py single photo.jpg cat.png dog.png --prompts "a cat" "a dog" --weights ~/clip/ViT-B-16.safetensors
@@ -367,16 +395,17 @@ def _backbone_for(model: str, weights: str | None) -> dict[str, Any]:
         if weights is None:
             raise CLIError(f"--model {name} needs --weights: a hub tag (e.g. openai), a local weights file, or none")
         pretrained = None if weights.lower() == "none" else weights
-    config = open_clip.get_model_config(name) or {}
-    resnet = isinstance(config.get("vision_cfg", {}).get("layers"), list | tuple)
-    cls = "OpenCLIPResNetBackbone" if resnet else "OpenCLIPBackbone"
-    return {"class_path": f"regionembed.backbones.{cls}", "init_args": {"model_name": name, "pretrained": pretrained}}
+    # OpenCLIPBackbone picks the adapter for the model's image tower (ViT, ResNet, ...)
+    return {
+        "class_path": "regionembed.backbones.OpenCLIPBackbone",
+        "init_args": {"model_name": name, "pretrained": pretrained},
+    }
 
 
 def single_args(argv: Sequence[str]) -> list[str]:
     """Translate ``single IMAGE MASK... [--prompts ...] [--model ...]`` into ``predict`` arguments of InferCLI.
 
-    ``--config`` fragments stack on the defaults (``configs/infer/maskinversion.yaml``); unknown ``--key=value``
+    ``--config`` fragments stack on the defaults (``regionembed:infer/maskinversion.yaml``); unknown ``--key=value``
     options are passed on unchanged.
 
     Raises:
@@ -388,7 +417,7 @@ def single_args(argv: Sequence[str]) -> list[str]:
     args = parser.parse_args(mine)
     out = [
         "predict",
-        f"--config={DEFAULT_INFER_CONFIG}",
+        f"--config={config_path(DEFAULT_INFER_CONFIG)}",
         *(f"--config={c}" for c in args.config or []),
         "--data=regionembed.data.RegionFolderDataModule",
         "--data.root=null",
@@ -431,24 +460,50 @@ def _run(make_cli, argv: Sequence[str] | None):
         raise SystemExit(2) from None
 
 
+def _expand(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``regionembed:<name>`` configs replaced by their shipped files (an unknown name: CLIError)."""
+    try:
+        return expand_config_args(argv)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+
+
 def infer_main(argv: Sequence[str] | None = None) -> InferCLI:
-    """``python infer.py {test,predict} --config ...`` or ``python infer.py single IMAGE MASK...``."""
+    """``regionembed-infer {test,predict} --config ...`` or ``regionembed-infer single IMAGE MASK...``.
+
+    ``python infer.py`` in a checkout is the same command.
+    """
 
     def make(args: list[str] | None) -> InferCLI:
         if args is None:
             # Read sys.argv through LightningCLI (args=None): DDP launchers re-run this script with sys.argv, so
-            # the translated single-image arguments are written back there.
-            if sys.argv[1:2] == ["single"]:
-                sys.argv = [sys.argv[0], *single_args(sys.argv[2:])]
-                return InferCLI(args=None, flag_names=SINGLE_FLAGS)
-            return InferCLI(args=None)
+            # the translated arguments (single-image, shipped config names) are written back there.
+            single = sys.argv[1:2] == ["single"]
+            sys.argv = [sys.argv[0], *_expand(single_args(sys.argv[2:]) if single else sys.argv[1:])]
+            return InferCLI(args=None, flag_names=SINGLE_FLAGS if single else None)
         if args and args[0] == "single":
-            return InferCLI(args=single_args(args[1:]), flag_names=SINGLE_FLAGS)
-        return InferCLI(args=args)
+            return InferCLI(args=_expand(single_args(args[1:])), flag_names=SINGLE_FLAGS)
+        return InferCLI(args=_expand(args))
 
     return _run(make, argv)
 
 
 def train_main(argv: Sequence[str] | None = None) -> TrainCLI:
-    """``python train.py {fit,validate,test} --config ...``."""
-    return _run(lambda args: TrainCLI(args=args), argv)
+    """``regionembed-train {fit,validate,test} --config ...`` (``python train.py`` in a checkout)."""
+
+    def make(args: list[str] | None) -> TrainCLI:
+        if args is None:  # written back to sys.argv for DDP launchers, as in infer_main
+            sys.argv = [sys.argv[0], *_expand(sys.argv[1:])]
+        return TrainCLI(args=None if args is None else _expand(args))
+
+    return _run(make, argv)
+
+
+def infer_command() -> None:
+    """Console script ``regionembed-infer``: :func:`infer_main` on ``sys.argv`` (its exit status is the CLI's)."""
+    infer_main()
+
+
+def train_command() -> None:
+    """Console script ``regionembed-train``: :func:`train_main` on ``sys.argv``."""
+    train_main()

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from .backbones.base import PreprocessSpec
 
@@ -183,23 +182,19 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
 def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     """Square resize to the model's size (no crop, as the official MaskInversion), to tensor, normalise.
 
+    The same path as the data modules' evaluation transform (``mode="squash"``): it calls
+    :func:`regionembed.data.transforms.preprocess_array`, so a given image gives the same tensor either way.
+
     Returns:
         ``[3, S, S]`` float tensor.
+
+    Raises:
+        ValueError: an unknown ``spec.interpolation`` (the message names the setting).
     """
-    interpolation = {
-        "bicubic": v2.InterpolationMode.BICUBIC,
-        "bilinear": v2.InterpolationMode.BILINEAR,
-        "nearest": v2.InterpolationMode.NEAREST,
-    }.get(spec.interpolation, v2.InterpolationMode.BICUBIC)
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((spec.size, spec.size), interpolation=interpolation, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
-        ]
-    )
-    return transform(image)
+    # imported here: regionembed.data imports this module (load_image, errors)
+    from .data.transforms import preprocess_array
+
+    return preprocess_array(np.asarray(image.convert("RGB")), spec)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ __all__ = [
     "run_key",
     "safe_filename",
     "safe_filenames",
+    "tensor_bytes",
     "write_staged_folder",
 ]
 
@@ -130,7 +131,8 @@ def fingerprint_inputs(image: bytes, masks: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor (any dtype, any device), for fingerprints."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -145,7 +147,7 @@ def fingerprint_settings(settings: dict[str, Any], module: nn.Module | None = No
     if module is not None:
         for key, value in module.state_dict().items():
             h.update(f"\0{key}:{value.dtype}:{tuple(value.shape)}\0".encode())
-            h.update(_tensor_bytes(value))
+            h.update(tensor_bytes(value))
     return h.hexdigest()
 
 

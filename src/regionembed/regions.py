@@ -28,8 +28,7 @@ from torchvision.ops import masks_to_boxes, roi_align
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from .backbones.alpha import alpha_from_boxes, alpha_from_masks, whole_image_alpha
-from .backbones.base import Backbone
-from .explainers.base import Explainer
+from .backbones.base import Backbone, TokenGridBackbone, require
 from .inversion import MaskInversion, check_masks
 
 __all__ = [
@@ -261,6 +260,7 @@ class MaskPoolEmbedding(RegionEmbedder):
     name = "mask_pool"
 
     def embed(self, backbone, image, masks):
+        require(backbone, TokenGridBackbone, "mask_pool", alternative="crop, context_crop or mask_inversion")
         with torch.no_grad():
             tokens = backbone.forward_blocks(backbone.embed_tokens(image[None]))[0, backbone.num_prefix_tokens :]
             dense = backbone.legrad_head(tokens)  # [h*w, D]
@@ -307,38 +307,22 @@ class RedCircleEmbedding(RegionEmbedder):
 class MaskInversionEmbedding(RegionEmbedder):
     """MaskInversion's localized embedding tokens (all masks of an image solved together).
 
-    Args: the :class:`~regionembed.inversion.MaskInversionConfig` fields (defaults: the official ones), plus
-        ``explainer``: the differentiable explainer whose maps are matched to the masks (default: LeGrad on
-        ``layers``; e.g. ``LeGrad(pooling="model")`` to follow the model's own pooling), and ``name``.
+    Args:
+        solver: the MaskInversion solver and all its settings (explainer, lr, iterations, strategy, ...); default
+            ``MaskInversion()``, the official settings. E.g. ``MaskInversion(explainer=LeGrad(pooling="model"))``
+            follows the model's own pooling.
+        name: the table/metric name (default ``mask_inversion``), to compare several settings side by side.
     """
 
     name = "mask_inversion"
 
-    def __init__(
-        self,
-        layers: list[int] | None = None,
-        lr: float = 0.5,
-        iterations: int = 10,
-        alpha: float = 0.0,
-        weight_decay: float = 0.0,
-        strategy: str = "auto",
-        explainer: Explainer | None = None,
-        name: str | None = None,
-    ) -> None:
-        self.explainer = explainer
+    def __init__(self, solver: MaskInversion | None = None, name: str | None = None) -> None:
+        self.solver = solver if solver is not None else MaskInversion()
         if name:
             self.name = name
-        self.config = {
-            "layers": tuple(layers or (-1,)),
-            "lr": lr,
-            "iterations": iterations,
-            "alpha": alpha,
-            "weight_decay": weight_decay,
-            "strategy": strategy,
-        }
 
     def embed(self, backbone, image, masks):
-        return MaskInversion(backbone, explainer=self.explainer, **self.config)(image[None], masks).embeddings
+        return self.solver(backbone, image[None], masks).embeddings
 
     def embed_history(
         self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor
@@ -346,11 +330,11 @@ class MaskInversionEmbedding(RegionEmbedder):
         """``([iterations + 1, N, D] tokens, [iterations + 1, N] Dice loss)`` over the optimisation; the last row
         is what :meth:`embed` returns."""
         masks = _check(backbone, image, masks)
-        result = MaskInversion(backbone, explainer=self.explainer, **self.config)(image[None], masks)
+        result = self.solver(backbone, image[None], masks)
         return result.embedding_history, result.mask_loss_history
 
     def __repr__(self) -> str:
-        return f"MaskInversionEmbedding({self.config})"
+        return f"{type(self).__name__}(solver={self.solver!r}, name={self.name!r})"
 
 
 class AlphaEmbedding(RegionEmbedder, nn.Module):

@@ -110,8 +110,9 @@ def resolve(name: str, model_name: str | None = None) -> str:
 def retrain(name: str, output: str | Path, overrides: list[str] | None = None) -> Path:
     """Train zoo model ``name`` again with its shipped config, through the library (``TrainCLI``, no subprocess).
 
-    Everything goes under ``output``: ``<name>_run/`` (the resolved config, CSV logs and, while training,
-    ``checkpoints/last.ckpt`` only) and the exported ``<name>.safetensors``. Starting again with the same ``output``
+    Everything goes under ``output``: ``<name>_run/`` (``train_overrides.yaml``, the settings stacked on the shipped
+    config to move every output there; the run's config, CSV logs and, while training, ``checkpoints/last.ckpt``
+    only) and the exported ``<name>.safetensors``. Starting again with the same ``output``
     after an interruption resumes from ``last.ckpt``; once the weights are exported the checkpoints are deleted.
 
     Args:
@@ -125,20 +126,24 @@ def retrain(name: str, output: str | Path, overrides: list[str] | None = None) -
     import yaml
 
     from .cli import train_main
+    from .io import atomic_write
 
     entry = _entry(name)
     out = Path(output).resolve()
     run = out / f"{name}_run"
     ckpt_dir = run / "checkpoints"
     weights = out / f"{name}.safetensors"
-    config: dict[str, Any] = yaml.safe_load(entry.path("config").read_text(encoding="utf-8"))
-    trainer = config.setdefault("trainer", {})
-    trainer["default_root_dir"] = str(run)
-    logger = trainer.get("logger")
+    shipped = entry.path("config")
+    config: dict[str, Any] = yaml.safe_load(shipped.read_text(encoding="utf-8"))
+    # Stacked on the shipped file rather than a rewritten copy of it: paths in it (a backbone fragment named
+    # relative to the config) keep resolving next to the shipped file.
+    trainer: dict[str, Any] = {"default_root_dir": str(run)}
+    logger = config.get("trainer", {}).get("logger")
     if isinstance(logger, dict) and "save_dir" in logger.get("init_args", {}):
-        logger["init_args"]["save_dir"] = str(run)
-    callbacks = [c for c in trainer.get("callbacks") or [] if not c["class_path"].endswith("ModelCheckpoint")]
-    # Only what resuming needs: one rolling last.ckpt, no top-k history.
+        trainer["logger"] = {"init_args": {"save_dir": str(run)}}
+    shipped_callbacks = config.get("trainer", {}).get("callbacks") or []
+    callbacks = [c for c in shipped_callbacks if not c["class_path"].endswith(("ModelCheckpoint", "EtaLogger"))]
+    # Only what resuming needs: one rolling last.ckpt, no top-k history; one ETA line under the zoo name.
     callbacks.append(
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -146,12 +151,13 @@ def retrain(name: str, output: str | Path, overrides: list[str] | None = None) -
         }
     )
     callbacks.append({"class_path": "regionembed.callbacks.EtaLogger", "init_args": {"name": f"regionembed:{name}"}})
-    trainer["callbacks"] = callbacks
-    config["model"].setdefault("init_args", {})["export_path"] = str(weights)
+    trainer["callbacks"] = callbacks  # a list replaces the shipped list as a whole
+    stacked = {"trainer": trainer, "model": {"init_args": {"export_path": str(weights)}}}
     run.mkdir(parents=True, exist_ok=True)
-    resolved = run / "train_config.yaml"
-    resolved.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    args = ["fit", f"--config={resolved}", *(overrides or [])]
+    stacked_file = run / "train_overrides.yaml"
+    with atomic_write(stacked_file, "w") as fh:
+        yaml.safe_dump(stacked, fh, sort_keys=False)
+    args = ["fit", f"--config={shipped}", f"--config={stacked_file}", *(overrides or [])]
     last = ckpt_dir / "last.ckpt"
     if last.is_file():
         log.warning("regionembed:%s: resuming from %s", name, last)

@@ -30,6 +30,8 @@ from regionembed.cli import infer_main, train_main
 from regionembed.data import RegionFolderDataModule
 from regionembed.data.folder import scan_folder
 from regionembed.data.refcoco import load_refs
+from regionembed.explainers import LeGrad
+from regionembed.inversion import MaskInversion
 from regionembed.io import load_image, load_mask
 from regionembed.modules import MaskInversionModule
 from regionembed.outputs import OutputLock
@@ -38,7 +40,7 @@ from regionembed.text import encode_prompts
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "infer" / "maskinversion.yaml")
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
-FAST = ["--model.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
+FAST = ["--model.init_args.solver.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 # the test helpers (callbacks) importable, and whatever PYTHONPATH selected this checkout's package kept
 HELPERS_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
@@ -76,8 +78,8 @@ def _folder(root: Path, images: dict[str, list[str]]) -> Path:
     return root
 
 
-def _predict(*args: str, config: tuple[str, ...] = (CONFIG, TINY)):
-    return infer_main(["predict", *(f"--config={c}" for c in config), *FAST, *args])
+def _predict(*args: str):
+    return infer_main(["predict", f"--config={CONFIG}", f"--model.init_args.backbone={TINY}", *FAST, *args])
 
 
 def _predict_image(image: Path, masks: list[Path], out: Path, *args: str):
@@ -144,7 +146,19 @@ def test_single_form_with_an_image_named_dots(tmp_path):
     image = _image(tmp_path / "data" / "...png")
     mask = _mask(tmp_path / "data" / "mask.png")
     out = tmp_path / "out" / "x"
-    infer_main(["single", str(image), str(mask), "--output", str(out), "--config", CONFIG, "--config", TINY, *FAST])
+    infer_main(
+        [
+            "single",
+            str(image),
+            str(mask),
+            "--output",
+            str(out),
+            "--config",
+            CONFIG,
+            f"--model.init_args.backbone={TINY}",
+            *FAST,
+        ]
+    )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x"]
     assert [json.loads((out / d / "manifest.json").read_text())["image_id"] for d in _image_dirs(out)] == [".."]
 
@@ -218,7 +232,7 @@ def test_changed_settings_recompute(tmp_path):
     root = _folder(tmp_path / "regions", {"img0.png": ["cat.png"]})
     out = tmp_path / "out"
     _predict(f"--data.root={root}", f"--writer.output_dir={out}")
-    cli = _predict(f"--data.root={root}", f"--writer.output_dir={out}", "--model.init_args.lr=0.25")
+    cli = _predict(f"--data.root={root}", f"--writer.output_dir={out}", "--model.init_args.solver.init_args.lr=0.25")
     assert _writer(cli).written == 1
     cli = _predict(f"--data.root={root}", f"--writer.output_dir={out}", "--writer.overlays=false")
     assert _writer(cli).written == 1 and not (out / "img0" / "overlays").exists()
@@ -274,7 +288,7 @@ def _infer_cmd(root: Path, out: Path, *extra: str) -> list[str]:
         str(ROOT / "infer.py"),
         "predict",
         f"--config={CONFIG}",
-        f"--config={TINY}",
+        f"--model.init_args.backbone={TINY}",
         f"--data.root={root}",
         f"--writer.output_dir={out}",
         "--trainer.enable_progress_bar=false",
@@ -421,7 +435,7 @@ def test_overlong_prompts_warn(tiny_backbone, caplog):
 def test_predict_with_more_processes_than_images(tmp_path):
     root = _folder(tmp_path / "regions", {"a.png": ["m.png"], "b.png": ["m.png"]})
     out = tmp_path / "out"
-    extra = ["--model.init_args.iterations=2", "--trainer.accelerator=cpu", "--trainer.devices=3"]
+    extra = ["--model.init_args.solver.init_args.iterations=2", "--trainer.accelerator=cpu", "--trainer.devices=3"]
     proc = subprocess.run(
         [*_infer_cmd(root, out, *extra), "--trainer.strategy=ddp"],
         env=ENV,
@@ -527,9 +541,10 @@ def test_decompression_bomb_names_the_file(tmp_path, monkeypatch, capsys):
 
 def test_layers_out_of_range(tmp_path, tiny_backbone, capsys):
     with pytest.raises(ValueError, match=r"layers=\[99\]: layer index 99 is out of range for a model with 2 blocks"):
-        MaskInversionModule(tiny_backbone, layers=[99])
+        MaskInversionModule(tiny_backbone, MaskInversion(LeGrad(layers=[99])))
     image, mask = _image(tmp_path / "img.png"), _mask(tmp_path / "m.png")
-    line = _cli_error(capsys, _predict_image, image, [mask], tmp_path / "out", "--model.init_args.layers=[99]")
+    layers = "--model.init_args.solver.init_args.explainer.init_args.layers=[99]"
+    line = _cli_error(capsys, _predict_image, image, [mask], tmp_path / "out", layers)
     assert "layers=[99]" in line
 
 

@@ -17,7 +17,7 @@ from regionembed.cli import CLIError, infer_main, single_args, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
-FAST = ["--model.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
+FAST = ["--model.init_args.solver.init_args.iterations=2", "--trainer.enable_progress_bar=false"]
 
 
 def _env() -> dict[str, str]:
@@ -54,9 +54,13 @@ def test_single_help_text_says_which_model_and_the_hub(capsys):
 
 
 def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog):
-    """`--config configs/backbone/tiny.yaml` alone used to replace the defaults and fail; now it stacks."""
+    """A `--config` fragment alone used to replace the defaults and fail; now it stacks (here a fragment that names
+    the tiny backbone by a path relative to itself)."""
     out = tmp_path / "out"
     masks = region_folder / "masks" / "a"
+    fragment = tmp_path / "fragments" / "tiny_model.yaml"
+    fragment.parent.mkdir()
+    fragment.write_text(f"model:\n  init_args:\n    backbone: {os.path.relpath(TINY, fragment.parent)}\n")
     with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="RANDOM weights"):
         infer_main(
             [
@@ -64,7 +68,7 @@ def test_config_fragment_stacks_on_the_defaults(region_folder, tmp_path, caplog)
                 str(region_folder / "images" / "a.png"),
                 str(masks / "grey.png"),
                 "--config",
-                TINY,
+                str(fragment),
                 "--output",
                 str(out),
                 *FAST,
@@ -115,7 +119,7 @@ def test_single_translation():
     assert '--model.init_args.prompt_templates=["a {}."]' in args
     assert args[-2:] == ["--trainer.devices", "2"]
     rn = single_args(["i.png", "m.png", "--model", "RN50", "--weights", "none"])
-    assert '"regionembed.backbones.OpenCLIPResNetBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
+    assert '"regionembed.backbones.OpenCLIPBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,7 @@ def test_demo_in_a_browser(demo_url, driver, tmp_path):
 
     _, methods = _table(driver, "methods_table")
     assert {"global", "crop", "mask_inversion"} <= {r[1] for r in methods}
-    assert "infer.py single" in driver.find_element(By.ID, "command").text
+    assert "regionembed-infer single" in driver.find_element(By.ID, "command").text
     # the embeddings download: the CLI's safetensors format, one row per region in the table's order
     link = next(
         a.get_attribute("href")

@@ -12,7 +12,7 @@ from regionembed.cli import infer_main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "infer" / "maskinversion.yaml")
 TINY = str(ROOT / "configs" / "backbone" / "tiny.yaml")
-FAST = ["--model.init_args.iterations=3", "--trainer.enable_progress_bar=false"]
+FAST = ["--model.init_args.solver.init_args.iterations=3", "--trainer.enable_progress_bar=false"]
 
 
 def _check_image_output(folder: Path, regions: list[str], prompts: list[str] | None = None):
@@ -40,7 +40,7 @@ def test_predict_over_a_folder(region_folder, tmp_path):
         [
             "predict",
             f"--config={CONFIG}",
-            f"--config={TINY}",
+            f"--model.init_args.backbone={TINY}",
             f"--data.root={region_folder}",
             f"--writer.output_dir={out}",
             *FAST,
@@ -66,8 +66,7 @@ def test_single_image_form_with_prompts(region_folder, tmp_path):
             str(out),
             "--config",
             CONFIG,
-            "--config",
-            TINY,
+            f"--model.init_args.backbone={TINY}",
             *FAST,
         ]
     )
@@ -80,7 +79,7 @@ def test_test_subcommand_logs_metrics(region_folder, tmp_path):
         [
             "test",
             f"--config={CONFIG}",
-            f"--config={TINY}",
+            f"--model.init_args.backbone={TINY}",
             f"--data.root={region_folder}",
             f"--writer.output_dir={tmp_path}",
             *FAST,
@@ -97,7 +96,7 @@ def test_inference_mode_true_is_refused_clearly(region_folder, tmp_path):
             [
                 "predict",
                 f"--config={CONFIG}",
-                f"--config={TINY}",
+                f"--model.init_args.backbone={TINY}",
                 f"--data.root={region_folder}",
                 f"--writer.output_dir={tmp_path}",
                 "--trainer.inference_mode=true",
@@ -115,7 +114,7 @@ def test_mask_of_wrong_size_names_the_file(region_folder, tmp_path):
             [
                 "predict",
                 f"--config={CONFIG}",
-                f"--config={TINY}",
+                f"--model.init_args.backbone={TINY}",
                 f"--data.root={region_folder}",
                 f"--writer.output_dir={tmp_path}",
                 *FAST,

@@ -215,7 +215,7 @@ def test_imagenet_config_on_xml_boxes(tmp_path):
         [
             "test",
             f"--config={ROOT / 'configs' / 'infer' / 'localization_imagenet.yaml'}",
-            f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
+            f"--model.init_args.backbone={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
             '--model.init_args.explainers=[{"class_path": "regionembed.explainers.LeGrad"}]',
             "--model.init_args.mask_inversion=null",
             "--model.init_args.faithfulness=false",

@@ -14,7 +14,8 @@ CONFIG = ROOT / "configs" / "tests" / "tiny_region_cls.yaml"
 
 @pytest.mark.parametrize("model_name", ["re-tiny-siglip", "re-tiny-eva02"])
 def test_region_classification_on_timm_towers(tmp_path, model_name):
-    backbone = ["--model.init_args.backbone.class_path=regionembed.backbones.OpenCLIPTimmBackbone"]
+    # the class users name is OpenCLIPBackbone; it builds the timm adapter for these configs
+    backbone = ["--model.init_args.backbone.class_path=regionembed.backbones.OpenCLIPBackbone"]
     backbone.append(f"--model.init_args.backbone.init_args.model_name={model_name}")
     if "siglip" in model_name:
         tokenizer = tiny_hf_tokenizer(tmp_path / "tokenizer")
@@ -38,16 +39,18 @@ def test_region_classification_on_timm_towers(tmp_path, model_name):
 
 
 def test_siglip_fragment_parses(capsys):
-    """The shipped SigLIP fragment stacks on an infer config (``--print_config``: nothing is built or downloaded)."""
+    """The shipped SigLIP backbone fragment stacks on an infer config (``--print_config``: nothing is built or
+    downloaded)."""
     with pytest.raises(SystemExit) as exit_info:
         infer_main(
             [
                 "test",
                 f"--config={CONFIG}",
-                f"--config={ROOT / 'configs' / 'backbone' / 'siglip_b16.yaml'}",
+                f"--model.init_args.backbone={ROOT / 'configs' / 'backbone' / 'siglip_b16.yaml'}",
                 "--print_config",
             ]
         )
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
-    assert "OpenCLIPTimmBackbone" in out and "ViT-B-16-SigLIP" in out
+    assert "regionembed.backbones.OpenCLIPBackbone" in out and "model_name: ViT-B-16-SigLIP" in out
+    assert "tokenizer: null" in out

@@ -147,9 +147,10 @@ def test_refcoco_config_on_refer_files(refcoco):
         [
             "test",
             f"--config={ROOT / 'configs' / 'infer' / 'rec_refcoco.yaml'}",
-            f"--config={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
+            f"--model.init_args.backbone={ROOT / 'configs' / 'backbone' / 'tiny.yaml'}",
             '--model.init_args.methods=[{"class_path": "regionembed.regions.CropEmbedding"}, '
-            '{"class_path": "regionembed.regions.MaskInversionEmbedding", "init_args": {"iterations": 2}}]',
+            '{"class_path": "regionembed.regions.MaskInversionEmbedding", '
+            '"init_args": {"solver": {"init_args": {"iterations": 2}}}}]',
             f"--model.init_args.results_path={out}",
             f"--data.init_args.images={refcoco / 'images'}",
             f"--data.init_args.instances_file={refcoco / 'instances.json'}",

@@ -66,8 +66,8 @@ def test_retrain_through_the_library_keeps_only_what_resuming_needs(tmp_path, mo
     assert all(v.dtype == torch.float16 for v in load_file(str(weights)).values() if v.is_floating_point())
     backbone = OpenCLIPBackbone("re-tiny-vit", pretrained=str(weights))
     assert backbone.embed_dim > 0
-    resolved = (out / "tiny_test_run" / "train_config.yaml").read_text()
-    assert "save_top_k: 0" in resolved and str(out) in resolved
+    stacked = (out / "tiny_test_run" / "train_overrides.yaml").read_text()
+    assert "save_top_k: 0" in stacked and str(out) in stacked
 
 
 def test_retrain_keeps_one_checkpoint_and_resumes(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from open_clip import ClipLoss
 from test_data_formats import coco, refcoco  # noqa: F401  (fixtures in the on-disk formats)
 
 from conftest import make_masks
-from regionembed.backbones import OpenCLIPBackbone, TimmBackbone
+from regionembed.backbones import Backbone, OpenCLIPBackbone, TimmBackbone, UnsupportedModelError
 from regionembed.backbones.alpha import (
     ALPHA_MEAN,
     ALPHA_STD,
@@ -17,6 +17,7 @@ from regionembed.backbones.alpha import (
     alpha_clip_key_map,
     alpha_from_boxes,
     alpha_from_masks,
+    alpha_input,
     export_alpha_clip_visual,
     load_alpha_clip_visual,
     normalize_alpha,
@@ -368,3 +369,57 @@ def test_resnet_alpha_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.encode_image(image, alpha=alpha), trained.encode_image(image, alpha=alpha))
     with pytest.raises(AlphaCheckpointError):
         OpenCLIPBackbone("re-tiny-vit", alpha_checkpoint=str(path))
+
+
+class _ConvNet(Backbone):
+    """The least a backbone can be: a conv stem and a pool. It exposes ``rgb_stem_conv`` and nothing about alpha."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.head = torch.nn.Linear(8, 5)
+
+    embed_dim = 5
+    patch_size = 4
+    preprocess = None
+
+    @property
+    def rgb_stem_conv(self):
+        return self.stem
+
+    def forward_image(self, image):
+        return self.head(self.stem(image).relu().mean(dim=(2, 3)))
+
+
+def test_alpha_channel_is_an_add_on_for_any_backbone_with_a_stem_conv():
+    torch.manual_seed(0)
+    net = _ConvNet().enable_alpha()
+    torch.nn.init.normal_(net.alpha_embed.conv.weight)
+    image, alpha = torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = net.head(
+            (net.stem(image) + F.conv2d(alpha, net.alpha_embed.conv.weight, stride=4)).relu().mean((2, 3))
+        )
+        torch.testing.assert_close(net.encode_image(image, alpha=alpha), expected)
+        torch.testing.assert_close(net.encode_image(image), net.forward_image(image), rtol=0, atol=0)
+    assert not net.stem._forward_hooks  # nothing stays attached between calls
+    assert "alpha_embed.conv.weight" in net.state_dict()
+    with pytest.raises(ValueError, match=r"alpha must have shape \[B, 1, H, W\]"):
+        net.encode_image(image, alpha=torch.randn(2, 16, 16))
+    with pytest.raises(ValueError, match="NaN"):
+        net.encode_image(image, alpha=torch.full((2, 1, 16, 16), float("nan")))
+    assert not net.stem._forward_hooks
+
+
+def test_alpha_input_checks_the_stem_ran_and_the_stem_exists():
+    net = _ConvNet().enable_alpha()
+    image, alpha = torch.randn(1, 3, 8, 8), torch.zeros(1, 1, 8, 8)
+    with pytest.raises(RuntimeError, match="never ran its rgb_stem_conv"), alpha_input(net, alpha, image):
+        pass  # a forward that bypasses the stem conv would silently ignore the alpha
+    assert not net.stem._forward_hooks
+
+    class NoStem(_ConvNet):
+        rgb_stem_conv = None
+
+    with pytest.raises(UnsupportedModelError, match="exposes no rgb_stem_conv"):
+        NoStem().enable_alpha()

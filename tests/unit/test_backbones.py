@@ -4,7 +4,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from regionembed.backbones import OpenCLIPBackbone, PretrainedWeightsUnavailable, TimmBackbone
+from regionembed.backbones import (
+    Backbone,
+    FeatureMapBackbone,
+    OpenCLIPBackbone,
+    OpenCLIPResNetBackbone,
+    PretrainedWeightsUnavailable,
+    TimmBackbone,
+    TokenGridBackbone,
+    UnsupportedModelError,
+    require,
+)
 
 
 def test_encode_image_matches_open_clip(tiny_backbone, tiny_ls_backbone):
@@ -112,3 +122,33 @@ def test_nan_image_rejected(tiny_backbone):
         tiny_backbone.encode_image(x)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         tiny_backbone.encode_image(torch.randn(3, 32, 32))
+
+
+def test_capabilities_and_require():
+    vit, rn = OpenCLIPBackbone("re-tiny-vit"), OpenCLIPBackbone("re-tiny-rn")
+    assert isinstance(vit, TokenGridBackbone) and not isinstance(vit, FeatureMapBackbone)
+    assert isinstance(rn, FeatureMapBackbone) and not isinstance(rn, TokenGridBackbone)
+    assert require(vit, TokenGridBackbone, "LeGrad") is vit
+    with pytest.raises(UnsupportedModelError) as err:
+        require(rn, TokenGridBackbone, "LeGrad", alternative="GradCAM")
+    assert str(err.value) == (
+        "LeGrad needs a token-grid (vision transformer) backbone, but OpenCLIPResNetBackbone('re-tiny-rn') is a "
+        "feature-map (convolutional) backbone; use GradCAM instead"
+    )
+    with pytest.raises(UnsupportedModelError, match="needs a feature-map"):
+        require(vit, FeatureMapBackbone, "X")
+
+
+def test_open_clip_backbone_from_yaml_class_path():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--backbone", type=Backbone)
+    cfg = parser.parse_args(
+        [
+            "--backbone",
+            '{"class_path": "regionembed.backbones.OpenCLIPBackbone", "init_args": {"model_name": "re-tiny-rn"}}',
+        ]
+    )
+    backbone = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).backbone
+    assert type(backbone) is OpenCLIPResNetBackbone and backbone.model_name == "re-tiny-rn"

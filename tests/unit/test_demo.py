@@ -74,7 +74,7 @@ def test_run_brush_upload_and_boxes(tmp_path, scene):
                                     "mask_inversion"}  # fmt: skip
     for i, region in enumerate(result.region_names):
         np.testing.assert_allclose(rows[(region, "mask_inversion")], result.probabilities[i], atol=1e-4)
-    assert "infer.py single" in result.command and "--prompts 'a cat' 'a dog'" in result.command
+    assert "regionembed-infer single" in result.command and "--prompts 'a cat' 'a dog'" in result.command
 
     # nothing outside the run folder and its zip
     written = _files_under(tmp_path) - before

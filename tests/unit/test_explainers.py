@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regionembed.backbones import OpenCLIPResNetBackbone
+from regionembed.backbones import OpenCLIPResNetBackbone, UnsupportedModelError
 from regionembed.explainers import AttentionRollout, GradCAM, LeGrad, ScoreCAM, VLScore, prompt_targets
 from regionembed.inversion import MaskInversion
 from regionembed.text import encode_prompts
@@ -114,7 +114,7 @@ def test_layer_validation(tiny_backbone, tiny_rn):
     with pytest.raises(ValueError, match="out of range"):
         ScoreCAM(layer=7)(tiny_backbone, image, targets)
     image, targets = _inputs(tiny_rn, n=1)
-    with pytest.raises(ValueError, match="unknown ResNet stage"):
+    with pytest.raises(ValueError, match="unknown stage"):
         GradCAM(layer="fc")(tiny_rn, image, targets)
     with pytest.raises(ValueError, match="temperature"):
         VLScore(temperature=0)
@@ -196,7 +196,7 @@ def test_gradcam_drives_maskinversion(tiny_backbone):
     masks = torch.zeros(2, 32, 32)
     masks[0, :16] = 1
     masks[1, :, 16:] = 1
-    result = MaskInversion(tiny_backbone, explainer=GradCAM(normalize=False), iterations=10)(image, masks)
+    result = MaskInversion(GradCAM(normalize=False), iterations=10)(tiny_backbone, image, masks)
     assert result.strategy == "explainer"
     assert result.loss_history[-1] < result.loss_history[0] - 0.05
     assert result.maps.shape == (2, 32, 32)
@@ -206,7 +206,7 @@ def test_gradcam_drives_maskinversion_on_a_resnet(tiny_rn):
     image, _ = _inputs(tiny_rn, n=1, seed=6)
     masks = torch.zeros(1, 64, 64)
     masks[0, :32] = 1
-    result = MaskInversion(tiny_rn, explainer=GradCAM(normalize=False), iterations=3)(image, masks)
+    result = MaskInversion(GradCAM(normalize=False), iterations=3)(tiny_rn, image, masks)
     assert result.embeddings.shape == (1, 32) and torch.isfinite(result.loss_history).all()
 
 
@@ -214,7 +214,7 @@ def test_gradcam_drives_maskinversion_on_a_resnet(tiny_rn):
 def test_maskinversion_refuses_gradient_free_explainers(tiny_backbone, explainer):
     assert explainer.differentiable is False
     with pytest.raises(ValueError, match="not differentiable"):
-        MaskInversion(tiny_backbone, explainer=explainer)
+        MaskInversion(explainer=explainer)
 
 
 # ---------------------------------------------------------------------------------------- Score-CAM / VL-Score
@@ -369,7 +369,9 @@ def test_rollout_matches_reference_and_ignores_targets(tiny_ls_backbone):
 
 def test_rollout_needs_a_vit(tiny_rn):
     image, targets = _inputs(tiny_rn, n=1)
-    with pytest.raises(NotImplementedError, match="is a ResNet"):
+    with pytest.raises(UnsupportedModelError, match=r"rollout needs a token-grid .* is a feature-map .*GradCAM"):
         AttentionRollout()(tiny_rn, image, targets)
-    with pytest.raises(NotImplementedError, match="is a ResNet"):
+    with pytest.raises(UnsupportedModelError, match=r"LeGrad needs a token-grid .*re-tiny-rn.*GradCAM"):
         LeGrad()(tiny_rn, image, targets)
+    with pytest.raises(UnsupportedModelError, match=r"MaskInversion with LeGrad maps needs .*GradCAM\(normalize=False"):
+        MaskInversion().check(tiny_rn)

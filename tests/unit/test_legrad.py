@@ -127,11 +127,12 @@ def test_model_pooling_route(tiny_backbone):
     assert not torch.allclose(model_route, legrad_layer_features(tiny_backbone, tokens), atol=1e-3)
     maps = LeGrad(pooling="model").explain(tiny_backbone, image, target)
     assert maps.shape == (2, 32, 32) and not torch.allclose(maps, LeGrad().explain(tiny_backbone, image, target))
-    solver = MaskInversion(tiny_backbone, explainer=LeGrad(pooling="model"), iterations=2)
-    assert solver.plan(32, 2) == "explainer"  # the autograd path; only the official route has the fast ones
+    solver = MaskInversion(LeGrad(pooling="model"), iterations=2)
+    # the autograd path; only the official route has the fast ones
+    assert solver.plan(tiny_backbone, 32, 2) == "explainer"
     masks = torch.zeros(2, 32, 32)
     masks[0, :16], masks[1, 16:] = 1, 1
-    emb = MaskInversionEmbedding(iterations=2, explainer=LeGrad(pooling="model"), name="mi_model")
+    emb = MaskInversionEmbedding(solver, name="mi_model")
     assert emb.name == "mi_model" and emb(tiny_backbone, image[0], masks).shape == (2, tiny_backbone.embed_dim)
     with pytest.raises(ValueError, match="pooling"):
         LeGrad(pooling="cls")

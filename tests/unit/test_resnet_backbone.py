@@ -8,7 +8,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from regionembed.backbones import OpenCLIPResNetBackbone, PretrainedWeightsUnavailable, UnsupportedModelError
+from regionembed.backbones import (
+    FeatureMapBackbone,
+    OpenCLIPBackbone,
+    OpenCLIPResNetBackbone,
+    OpenCLIPViTBackbone,
+    PretrainedWeightsUnavailable,
+    TokenGridBackbone,
+    UnsupportedModelError,
+)
 from regionembed.explainers import LeGrad
 
 
@@ -119,23 +127,25 @@ def test_text_tower(rn):
     assert rn.logit_scale is rn.model.logit_scale
 
 
-def test_vit_only_members_raise_clearly(rn):
+def test_resnet_has_the_feature_map_capability_only(rn):
     x = torch.randn(1, 3, 64, 64)
-    for call in (
-        lambda: rn.blocks,
-        lambda: rn.embed_tokens(x),
-        lambda: rn.pool_tokens(torch.randn(1, 5, 8)),
-        lambda: rn.legrad_head(torch.randn(1, 8)),
-        lambda: rn.block_parts(nn.Identity()),
-        lambda: rn.forward_blocks(torch.randn(1, 5, 8)),
-    ):
-        with pytest.raises(NotImplementedError, match="is a ResNet"):
-            call()
-    with pytest.raises(NotImplementedError, match="GradCAM"):
+    assert isinstance(rn, FeatureMapBackbone) and not isinstance(rn, TokenGridBackbone)
+    for name in ("blocks", "embed_tokens", "pool_tokens", "legrad_head", "block_parts", "forward_blocks"):
+        assert not hasattr(rn, name), name
+    with pytest.raises(UnsupportedModelError, match=r"LeGrad needs a token-grid .* is a feature-map .*GradCAM"):
         LeGrad()(rn, x, torch.randn(1, 32))
     assert rn.layer_indices([-1, 0, 3]) == [0, 3]
     with pytest.raises(ValueError, match="out of range"):
         rn.layer_indices([4])
+
+
+def test_open_clip_backbone_dispatches_to_the_resnet_adapter():
+    bb = OpenCLIPBackbone("re-tiny-rn", alpha_channel=True)
+    assert type(bb) is OpenCLIPResNetBackbone and isinstance(bb, OpenCLIPBackbone)
+    assert bb.alpha_embed is not None and bb.model_name == "re-tiny-rn"
+    assert type(OpenCLIPBackbone("re-tiny-vit")) is OpenCLIPViTBackbone
+    with pytest.raises(UnsupportedModelError, match="ModifiedResNet"):
+        OpenCLIPResNetBackbone("re-tiny-vit")
 
 
 def test_input_validation(rn):
@@ -147,7 +157,7 @@ def test_input_validation(rn):
         rn.feature_maps(x)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         rn.encode_image(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match="unknown ResNet stage"):
+    with pytest.raises(ValueError, match="unknown stage"):
         rn.feature_maps(torch.randn(1, 3, 64, 64), "layer5")
     with pytest.raises(ValueError, match=r"feature maps \[B, C, h, w\]"):
         rn.pool_features(torch.randn(2, 512))

@@ -1,18 +1,25 @@
 """All map strategies of the MaskInversion solver agree with the naive (official) double backward."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import make_masks
+from regionembed.backbones import UnsupportedModelError
+from regionembed.explainers import LeGrad
 from regionembed.inversion import MaskInversion
-from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy
+from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy, decomposition_issue
 
 FAST = ["naive_lean", "per_step", "precomputed"]
 
 
-def _run_all(backbone, image, masks, **config):
-    return {name: MaskInversion(backbone, strategy=name, **config)(image, masks) for name in ["naive", *FAST]}
+def _run_all(backbone, image, masks, layers=(-1,), **config):
+    explainer = LeGrad(layers)
+    return {
+        name: MaskInversion(explainer, strategy=name, **config)(backbone, image, masks) for name in ["naive", *FAST]
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,7 +74,7 @@ def test_precomputed_table_is_the_per_step_map(tiny_backbone):
 
 def test_naive_restores_the_backbone(tiny_backbone):
     flags = [p.requires_grad for p in tiny_backbone.parameters()]
-    MaskInversion(tiny_backbone, strategy="naive", iterations=2)(torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
+    MaskInversion(strategy="naive", iterations=2)(tiny_backbone, torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
     assert [p.requires_grad for p in tiny_backbone.parameters()] == flags
     assert all(p.grad is None for p in tiny_backbone.parameters())
 
@@ -76,11 +83,11 @@ def test_auto_picks_by_cost_and_memory():
     from regionembed.backbones import OpenCLIPBackbone
 
     b = OpenCLIPBackbone("re-small-vit")
-    solver = MaskInversion(b)
-    assert solver.plan(64, 1) == "per_step"
-    assert solver.plan(64, 500) == "precomputed"
-    assert MaskInversion(b, memory_budget_mb=0.001).plan(64, 500) == "per_step"
-    assert MaskInversion(b, strategy="naive").plan(64, 500) == "naive"
+    solver = MaskInversion()
+    assert solver.plan(b, 64, 1) == "per_step"
+    assert solver.plan(b, 64, 500) == "precomputed"
+    assert MaskInversion(memory_budget_mb=0.001).plan(b, 64, 500) == "per_step"
+    assert MaskInversion(strategy="naive").plan(b, 64, 500) == "naive"
 
 
 def test_naive_restores_the_backbone_when_it_fails(tiny_backbone, monkeypatch):
@@ -91,5 +98,15 @@ def test_naive_restores_the_backbone_when_it_fails(tiny_backbone, monkeypatch):
 
     monkeypatch.setattr(tiny_backbone, "pool_tokens", boom)
     with pytest.raises(MemoryError):
-        MaskInversion(tiny_backbone, strategy="naive")(torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
+        MaskInversion(strategy="naive")(tiny_backbone, torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
     assert [p.requires_grad for p in tiny_backbone.parameters()] == flags
+
+
+def test_auto_falls_back_to_naive_when_the_block_tail_does_not_fit(tiny_backbone, monkeypatch, caplog):
+    monkeypatch.setattr(tiny_backbone, "block_parts", lambda block: None)  # e.g. a block without the pre-norm form
+    assert decomposition_issue(tiny_backbone, [-1]) is not None
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        assert MaskInversion().plan(tiny_backbone, 32, 2) == "naive"
+    assert "strategy auto runs 'naive'" in caplog.text and "pre-norm form" in caplog.text
+    with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*strategy='naive'"):
+        MaskInversion(strategy="per_step")(tiny_backbone, torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))

@@ -6,8 +6,12 @@ bias-free conv with the kernel, stride and padding of the RGB stem conv (the ViT
 ResNet stem), and the result is *added* to the RGB conv's output before anything else (class token, positional
 embedding, or the stem's first batch norm). Initialised at zero, a freshly added alpha channel changes nothing.
 
-Every backbone supports it through :meth:`~regionembed.backbones.base.Backbone.enable_alpha` (or the adapters'
-``alpha_channel=True``) and ``encode_image(image, alpha=...)``.
+It is an add-on: any backbone that exposes its first RGB convolution as
+:attr:`~regionembed.backbones.base.Backbone.rgb_stem_conv` (an ``nn.Conv2d`` patchify or conv stem, run as a module
+call) gets it, and no backbone implements alpha logic itself. :func:`enable_alpha` (or the adapters'
+``alpha_channel=True``) adds the conv as ``backbone.alpha_embed``; :func:`alpha_input`, which ``encode_image(image,
+alpha=...)`` (and ``embed_tokens``/``feature_maps``) wrap around the forward, hooks the stem conv for the duration of
+that forward so that its output gets ``alpha_embed(alpha)`` added. Nothing stays attached between calls.
 
 The released Alpha-CLIP checkpoints are state dicts of the *visual* tower of their modified OpenAI CLIP: the same
 names as open_clip's visual tower, except ``conv1_alpha.weight`` (our ``alpha_embed.conv.weight``) and, in every
@@ -18,7 +22,9 @@ ViT block, ``attn.in_proj.{weight,bias}`` (a ``nn.Linear``) where open_clip's ``
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +44,8 @@ __all__ = [
     "alpha_clip_key_map",
     "alpha_from_boxes",
     "alpha_from_masks",
+    "alpha_input",
+    "enable_alpha",
     "export_alpha_clip_visual",
     "load_alpha_clip_visual",
     "normalize_alpha",
@@ -84,6 +92,77 @@ class AlphaPatchEmbed(nn.Module):
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
         """``[B, 1, H, W]`` normalised alpha -> ``[B, C, h, w]``, added to the RGB conv's output."""
         return self.conv(alpha)
+
+
+# ------------------------------------------------------------------------------------------------ the add-on
+def enable_alpha(backbone: Backbone) -> Backbone:
+    """Add a zero-initialised alpha conv shaped like ``backbone.rgb_stem_conv`` as ``backbone.alpha_embed``.
+
+    A no-op when the backbone already has one. Returns ``backbone``.
+
+    Raises:
+        UnsupportedModelError: the backbone exposes no RGB stem conv.
+    """
+    from .attention import UnsupportedModelError
+
+    if backbone.alpha_embed is None:
+        conv = backbone.rgb_stem_conv
+        if conv is None:
+            raise UnsupportedModelError(
+                f"{type(backbone).__name__} exposes no rgb_stem_conv (its first RGB convolution): no alpha channel"
+            )
+        backbone.alpha_embed = AlphaPatchEmbed.like(conv).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    return backbone
+
+
+def check_alpha(backbone: Backbone, alpha: torch.Tensor, image: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``backbone`` has an alpha channel and ``alpha`` is a finite ``[B, 1, H, W]`` map
+    matching ``image`` ``[B, 3, H, W]``."""
+    if backbone.alpha_embed is None:
+        raise ValueError(
+            f"{type(backbone).__name__} has no alpha channel: build it with alpha_channel=True (or call "
+            "enable_alpha()), or pass alpha=None"
+        )
+    if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or alpha.shape[1] != 1:
+        shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
+        raise ValueError(f"alpha must have shape [B, 1, H, W], got {shape}")
+    if alpha.shape[0] != image.shape[0] or alpha.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"alpha {tuple(alpha.shape)} does not match the image {tuple(image.shape)} (same batch and size)"
+        )
+    if not torch.isfinite(alpha).all():
+        raise ValueError("alpha contains NaN or infinite values")
+
+
+@contextlib.contextmanager
+def alpha_input(backbone: Backbone, alpha: torch.Tensor | None, image: torch.Tensor) -> Iterator[None]:
+    """While active, ``backbone.rgb_stem_conv(x)`` returns ``conv(x) + backbone.alpha_embed(alpha)``.
+
+    A forward hook on the stem conv, removed on exit; with ``alpha=None`` nothing happens. The stem must run inside
+    the context (otherwise the alpha would be silently ignored, which raises ``RuntimeError`` instead).
+
+    Args:
+        backbone: a backbone with an alpha channel (:func:`enable_alpha`).
+        alpha: normalised alpha map ``[B, 1, H, W]`` (see :func:`alpha_from_masks`), or ``None``.
+        image: the image ``[B, 3, H, W]`` the forward runs on (to validate ``alpha`` against).
+    """
+    if alpha is None:
+        yield
+        return
+    check_alpha(backbone, alpha, image)
+    calls = []
+
+    def add_alpha(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return output + backbone.alpha_embed(alpha.to(output.dtype))
+
+    handle = backbone.rgb_stem_conv.register_forward_hook(add_alpha)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not calls:
+        raise RuntimeError(f"{type(backbone).__name__} never ran its rgb_stem_conv: the alpha map was not applied")
 
 
 # ------------------------------------------------------------------------------------------------- alpha maps
@@ -201,7 +280,7 @@ def load_alpha_clip_visual(backbone: Backbone, path: str | Path) -> Backbone:
         if k in state and state[k].shape != target[mapping[k]].shape
     ]
     if missing or unexpected or mismatched:
-        name = getattr(backbone, "model_name", type(backbone).__name__)
+        name = backbone.model_name or type(backbone).__name__
         details = []
         if missing:
             details.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")

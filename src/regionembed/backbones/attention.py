@@ -7,11 +7,14 @@ forward (``softmax(q k^T / sqrt(d)) v``) that keeps the probabilities, the per-h
 intermediate activations. The same ``Parameter`` objects are used (no copies, ``state_dict`` keys unchanged), and
 everything is undone on exit.
 
-Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), timm
-``vision_transformer.Block`` with ``timm.layers.Attention`` and timm ``EvaBlock`` with ``EvaAttention`` or
-``AttentionRope`` (EVA02, PE-Core: rotary embeddings, fused or separate q/k/v). Anything else raises
-:class:`UnsupportedModelError`. :func:`attention_pool_forward` runs timm's ``AttentionPoolLatent`` (SigLIP/PE
-``map`` head) with its probabilities kept.
+Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), open_clip's
+``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities), timm
+``vision_transformer.Block`` with ``timm.layers.Attention``, timm ``EvaBlock`` with ``EvaAttention`` or
+``AttentionRope`` (EVA02, PE-Core: rotary embeddings, fused or separate q/k/v), and ``transformers`` ``CLIPAttention`` /
+``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of :class:`~regionembed.backbones.hf.HFBackbone`.
+:class:`MHAPoolRecorder` records the probe attention of an ``nn.MultiheadAttention`` pooling head (``transformers``'
+``SiglipMultiheadAttentionPoolingHead``); :func:`attention_pool_forward` runs timm's ``AttentionPoolLatent``
+(SigLIP's and PE's ``map`` head) with its probabilities kept. Anything else raises :class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from torch import nn
 __all__ = [
     "AttentionRecord",
     "AttentionRecorder",
+    "MHAPoolRecorder",
     "UnsupportedModelError",
     "attention_pool_forward",
     "check_library_versions",
 ]
 
 # Versions whose attention internals this module was written and tested against.
-_SUPPORTED = {"open_clip": ((3, 0), (4, 0)), "timm": ((1, 0), (1, 1))}
+_SUPPORTED = {"open_clip": ((3, 0), (4, 0)), "timm": ((1, 0), (1, 1)), "transformers": ((5, 24), (6, 0))}
 
 
 class UnsupportedModelError(RuntimeError):
@@ -55,6 +59,10 @@ def check_library_versions(library: str) -> None:
         import timm
 
         version = timm.__version__
+    elif library == "transformers":
+        import transformers
+
+        version = transformers.__version__
     else:
         raise UnsupportedModelError(f"unknown library {library!r}")
     low, high = _SUPPORTED[library]
@@ -70,7 +78,8 @@ class AttentionRecord:
     """What one block left behind during a recorded forward (all batch-first).
 
     Attributes:
-        probs: ``[B, H, T, T]`` post-softmax attention probabilities, on the autograd graph.
+        probs: ``[B, H, T, T]`` post-softmax attention probabilities, on the autograd graph (``[B, H, Q, T]`` for
+            an attention pool's ``Q`` queries).
         v: ``[B, H, T, dh]`` per-head values.
         x_in: ``[B, T, C]`` block input.
         attn_out: ``[B, T, C]`` attention branch output (after the output projection, before layer scale).
@@ -142,6 +151,8 @@ def _mha_forward(recorder: AttentionRecorder, index: int):
         is_causal: bool = False,
     ):
         if not (query is key and key is value):
+            if recorder.cross_attention.get(index, False) and key is value:
+                return _cross_attention(self, query, key, recorder.records[index], recorder.leaf_probs)
             raise UnsupportedModelError("the attention recorder supports self-attention only")
         x = query if self.batch_first else query.transpose(0, 1)
         b, t, c = x.shape
@@ -169,6 +180,34 @@ def _mha_forward(recorder: AttentionRecorder, index: int):
         return out, weights
 
     return forward
+
+
+def _cross_attention(
+    mha: nn.MultiheadAttention, query: torch.Tensor, context: torch.Tensor, record: AttentionRecord, leaf_probs: bool
+) -> tuple[torch.Tensor, None]:
+    """``nn.MultiheadAttention(query, context, context)`` (no masks, batch-first) with the probabilities kept.
+
+    Args:
+        query: ``[B, Q, E]`` queries; context: ``[B, T, kdim]`` keys and values (``kdim`` may differ from ``E``).
+    """
+    b, nq, e = query.shape
+    t = context.shape[1]
+    h = mha.num_heads
+    dh = e // h
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q).reshape(b, nq, h, dh).transpose(1, 2)  # [B, H, Q, dh]
+    k = F.linear(context, w_k, b_k).reshape(b, t, h, dh).transpose(1, 2)  # [B, H, T, dh]
+    v = F.linear(context, w_v, b_v).reshape(b, t, h, dh).transpose(1, 2)
+    o = _explicit_attention(
+        query, q, k, v, dh**-0.5, None, mha.dropout if mha.training else 0.0, record, leaf_probs
+    )  # [B, H, Q, dh]
+    out = F.linear(o.transpose(1, 2).reshape(b, nq, e), mha.out_proj.weight, mha.out_proj.bias)
+    record.attn_out = out
+    return out, None
 
 
 def _timm_forward(recorder: AttentionRecorder, index: int):
@@ -202,6 +241,13 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
     attn = getattr(block, "attn", None)
     if isinstance(attn, nn.MultiheadAttention):
         check_library_versions("open_clip")
+        from open_clip.transformer import AttentionalPooler
+
+        if isinstance(block, AttentionalPooler):  # CoCa: learned queries attend over the tokens
+            if attn.bias_k is not None or attn.add_zero_attn or not attn.batch_first:
+                raise UnsupportedModelError("this AttentionalPooler's attention is not supported by the recorder")
+            recorder.cross_attention[index] = True
+            return attn, _mha_forward(recorder, index)
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise UnsupportedModelError("nn.MultiheadAttention with separate q/k/v weights or bias_k is not supported")
         return attn, _mha_forward(recorder, index)
@@ -216,17 +262,72 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
         if not hasattr(timm_attention, "resolve_self_attn_mask"):
             raise UnsupportedModelError("this timm 1.0.x predates the attention internals the recorder was written for")
         return attn, _timm_forward(recorder, index)
-    eva = _eva_attention_and_forward(block, recorder, index)  # issue 14: timm eva.py blocks (EVA02, PE-Core)
+    eva = _eva_attention_and_forward(block, recorder, index)  # timm eva.py blocks (EVA02, PE-Core)
     if eva is not None:
         return eva
+    hf_forward = _hf_attention_forward_for(attn, recorder, index)
+    if hf_forward is not None:
+        return attn, hf_forward
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
-        "recorder (supported: open_clip ResidualAttentionBlock, timm vision_transformer.Block, timm EvaBlock with "
-        "EvaAttention or AttentionRope)"
+        "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block, "
+        "timm EvaBlock with EvaAttention or AttentionRope, transformers CLIP/SigLIP encoder layers)"
     )
 
 
-# ---------------------------------------------------------------- timm eva.py attention and attention pools (issue 14)
+# --------------------------------------------------------------------------- Hugging Face transformers (CLIP, SigLIP)
+def _hf_attention_classes() -> tuple[type, ...]:
+    """``transformers``' CLIP and SigLIP attention classes, or ``()`` when ``transformers`` was never imported (then
+    no module can be one of them, and importing it here would cost seconds for nothing)."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return ()
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.siglip.modeling_siglip import SiglipAttention
+
+    return CLIPAttention, SiglipAttention
+
+
+def _hf_attention_forward_for(attn: nn.Module | None, recorder: AttentionRecorder, index: int):
+    """The explicit forward for a ``transformers`` CLIP/SigLIP attention, ``None`` for any other module."""
+    classes = _hf_attention_classes()
+    if not classes or not isinstance(attn, classes):
+        return None
+    check_library_versions("transformers")
+    missing = [a for a in ("q_proj", "k_proj", "v_proj", "out_proj", "head_dim", "scale") if not hasattr(attn, a)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(attn).__name__} of this transformers version lacks {', '.join(missing)}: pin a supported version"
+        )
+    return _hf_forward(recorder, index)
+
+
+def _hf_forward(recorder: AttentionRecorder, index: int):
+    """An explicit forward for ``CLIPAttention`` / ``SiglipAttention`` (what their eager kernel computes, with the
+    probabilities kept): ``(hidden_states, attention_mask=None, **kwargs) -> (output, probs)``."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        b, t, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        bias = _mask_to_bias(attention_mask, q.dtype, b, q.shape[1])  # transformers passes an additive mask
+        if getattr(self, "is_causal", False):
+            causal = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+            bias = causal if bias is None else bias + causal
+        record = recorder.records[index]
+        dropout = float(self.dropout) if self.training else 0.0
+        o = _explicit_attention(hidden_states, q, k, v, self.scale, bias, dropout, record, recorder.leaf_probs)
+        out = self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+        record.attn_out = out
+        return out, record.probs
+
+    return forward
+
+
+# ---------------------------------------------------------------- timm eva.py attention and attention pools
 def _eva_forward(recorder: AttentionRecorder, index: int):
     """An explicit forward for timm ``EvaAttention`` / ``AttentionRope`` (EVA02, PE-Core): fused or separate q/k/v,
     EVA's zero k-bias, q/k norms, rotary embeddings on the patch tokens, grouped k/v heads, the inner scale norm and
@@ -327,6 +428,75 @@ def attention_pool_forward(
     return out, probs
 
 
+# ------------------------------------------------------------------ attention-pool heads: nn.MultiheadAttention probe
+def _mha_cross_forward(pool: MHAPoolRecorder):
+    """An explicit forward for ``nn.MultiheadAttention`` used as a pooling head: learned queries ``[B, Q, C]``
+    attending to tokens ``[B, T, C]`` (key is value)."""
+
+    def forward(
+        self: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if key is not value or attn_mask is not None or key_padding_mask is not None or is_causal:
+            raise UnsupportedModelError("the pool recorder supports unmasked attention with key == value only")
+        if not self.batch_first:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+        pool.record.x_in = key
+        out, _ = _cross_attention(self, query, key, pool.record, pool.leaf_probs)  # as CoCa's pooler: [B, Q, C]
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            probs = pool.record.probs
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+        return out, weights
+
+    return forward
+
+
+class MHAPoolRecorder:
+    """Record the probe attention of an ``nn.MultiheadAttention`` pooling head, with gradients.
+
+    Example::
+
+        with MHAPoolRecorder(siglip_vision.head.attention) as rec:
+            embedding = siglip_vision.head(tokens)
+        probs = rec.record.probs  # [B, H, Q, T]: the Q learned queries' attention over the T tokens
+
+    The same guarantees as :class:`AttentionRecorder`: the same ``Parameter`` objects, ``state_dict`` keys
+    unchanged, outputs equal to the fused kernel's, nothing left behind on exit, nesting refused.
+
+    Args:
+        attn: the pooling head's attention (``batch_first`` or not, no ``bias_k``).
+        leaf_probs: as in :class:`AttentionRecorder`.
+    """
+
+    def __init__(self, attn: nn.Module, leaf_probs: bool = True) -> None:
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise UnsupportedModelError(f"MHAPoolRecorder needs an nn.MultiheadAttention, got {type(attn).__name__}")
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedModelError("nn.MultiheadAttention with bias_k or add_zero_attn is not supported")
+        self.attn = attn
+        self.leaf_probs = leaf_probs
+        self.record = AttentionRecord()
+
+    def __enter__(self) -> MHAPoolRecorder:
+        if "forward" in self.attn.__dict__:
+            raise RuntimeError("this pooling attention is already instrumented (nested MHAPoolRecorder?)")
+        self.attn.forward = types.MethodType(_mha_cross_forward(self), self.attn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.attn.__dict__.pop("forward", None)
+
+
 class AttentionRecorder:
     """Record post-softmax attention probabilities (with gradients) and block activations.
 
@@ -337,7 +507,7 @@ class AttentionRecorder:
         probs = rec.records[-1].probs  # [B, H, T, T], differentiable
 
     Args:
-        blocks: the transformer blocks of the vision tower (``backbone.blocks``).
+        blocks: the transformer blocks of the vision tower (``backbone.blocks``), or attention-pool modules.
         layers: indices into ``blocks`` to record (negative indices allowed).
         leaf_probs: when grad mode is on but nothing upstream requires grad, make the probabilities an autograd
             leaf so that gradients with respect to them can still be taken (the model stays frozen).
@@ -352,6 +522,8 @@ class AttentionRecorder:
         self.layers = sorted({layer % n for layer in layers})
         self.leaf_probs = leaf_probs
         self.records: dict[int, AttentionRecord] = {}
+        #: per recorded index: whether the module is an attention pool (cross-attention from learned queries)
+        self.cross_attention: dict[int, bool] = {}
         self._patches: list[_Patch] = []
 
     def __getitem__(self, layer: int) -> AttentionRecord:

@@ -1,8 +1,18 @@
-"""The backbone adapter contract shared by every method in regionembed.
+"""The backbone contract shared by every method in regionembed: a small encoder protocol and two capabilities.
 
-A backbone wraps a CLIP-like vision transformer (open_clip, timm) behind one small interface: encode images and
-texts, expose the token grid and the transformer blocks, and describe the model's own preprocessing. Explainers and
-the MaskInversion solver only talk to this interface, never to a library's internals.
+:class:`Backbone` is what *every* model implements: encode images and texts, tokenise, describe the model's own
+preprocessing, and say which parts train. What an explainer or a solver needs beyond that is a *capability*, a
+subclass of :class:`Backbone` it checks for explicitly with :func:`require`:
+
+- :class:`TokenGridBackbone`: a vision transformer's token grid and blocks (LeGrad, attention rollout, the
+  decomposed MaskInversion strategies, mask pooling, Grad-CAM/Score-CAM on block tokens).
+- :class:`FeatureMapBackbone`: a convolutional network's stages and feature maps (Grad-CAM, Score-CAM, VL-Score).
+- :class:`AttentionPoolHead`: on top of a token grid, a pooling head that attends over the tokens with learned
+  queries (CoCa, SigLIP "map", PE); LeGrad then explains through the pool's attention.
+
+The alpha channel (Alpha-CLIP) is an add-on (:mod:`regionembed.backbones.alpha`) that works on any backbone exposing
+its first RGB convolution as :attr:`Backbone.rgb_stem_conv`; no backbone implements alpha logic itself.
+Explainers and the MaskInversion solver only talk to these interfaces, never to a library's internals.
 """
 
 from __future__ import annotations
@@ -13,6 +23,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .alpha import alpha_input
+from .attention import UnsupportedModelError
+
+__all__ = [
+    "AttentionPoolHead",
+    "Backbone",
+    "BlockParts",
+    "FeatureMapBackbone",
+    "PreprocessSpec",
+    "TokenGridBackbone",
+    "require",
+    "uses_attention_pool",
+]
 
 
 @dataclass(frozen=True)
@@ -54,14 +78,17 @@ class BlockParts:
 
 
 class Backbone(nn.Module, abc.ABC):
-    """A CLIP-like ViT behind the interface the explainers and solvers use.
+    """The encoder protocol every regionembed backbone implements (any architecture, any library).
 
-    Subclasses implement :meth:`embed_tokens`, :meth:`run_blocks`-compatible ``blocks``, :meth:`pool_tokens` and
-    :meth:`legrad_head`. Images are ``[B, 3, S, S]`` tensors already normalised with :attr:`preprocess`.
+    Subclasses implement :attr:`embed_dim`, :attr:`preprocess`, :attr:`patch_size` and :meth:`forward_image`; a
+    model with a text tower also implements :meth:`encode_text`, :meth:`tokenize` and the training parts. Images are
+    ``[B, 3, H, W]`` tensors already normalised with :attr:`preprocess`.
     """
 
-    #: number of prefix tokens ([CLS], registers) before the patch tokens
-    num_prefix_tokens: int = 1
+    #: how :func:`require` names a backbone of this class (the most specific capability it has)
+    capability: str = "an image encoder"
+    #: the model's name in its library (adapters set it; used in messages)
+    model_name: str = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,57 +103,6 @@ class Backbone(nn.Module, abc.ABC):
         return "random" if pretrained is None or pretrained is False or pretrained == "" else str(pretrained)
 
     @property
-    def rgb_stem_conv(self) -> nn.Conv2d:
-        """The first convolution applied to the RGB image (the patch embedding of a ViT, conv1 of a ResNet stem).
-
-        The alpha-channel conv copies its kernel, stride and padding and adds its output to this conv's output.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not support an alpha channel")
-
-    def enable_alpha(self) -> Backbone:
-        """Add a zero-initialised alpha-channel conv beside :attr:`rgb_stem_conv` (Alpha-CLIP); returns ``self``.
-
-        A freshly enabled backbone gives the same outputs as before for any alpha. Calling it twice is a no-op.
-        """
-        from .alpha import AlphaPatchEmbed
-
-        if self.alpha_embed is None:
-            conv = self.rgb_stem_conv
-            self.alpha_embed = AlphaPatchEmbed.like(conv).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        return self
-
-    def add_alpha(self, features: torch.Tensor, alpha: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
-        """``features + alpha_embed(alpha)`` (the alpha branch of the stem); ``features`` when ``alpha`` is None.
-
-        Args:
-            features: output of :attr:`rgb_stem_conv` on ``image``, ``[B, C, h, w]``.
-            alpha: normalised alpha map ``[B, 1, H, W]`` (see :func:`regionembed.backbones.alpha.alpha_from_masks`).
-            image: the image ``[B, 3, H, W]`` (for validating ``alpha``).
-        """
-        if alpha is None:
-            return features
-        if self.alpha_embed is None:
-            raise ValueError(
-                f"{type(self).__name__} has no alpha channel: build it with alpha_channel=True (or call "
-                "enable_alpha()), or pass alpha=None"
-            )
-        if not isinstance(alpha, torch.Tensor) or alpha.ndim != 4 or alpha.shape[1] != 1:
-            shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
-            raise ValueError(f"alpha must have shape [B, 1, H, W], got {shape}")
-        if alpha.shape[0] != image.shape[0] or alpha.shape[-2:] != image.shape[-2:]:
-            raise ValueError(
-                f"alpha {tuple(alpha.shape)} does not match the image {tuple(image.shape)} (same batch and size)"
-            )
-        if not torch.isfinite(alpha).all():
-            raise ValueError("alpha contains NaN or infinite values")
-        return features + self.alpha_embed(alpha.to(features.dtype))
-
-    @property
-    @abc.abstractmethod
-    def patch_size(self) -> int:
-        """Side of a square patch in pixels."""
-
-    @property
     @abc.abstractmethod
     def embed_dim(self) -> int:
         """Dimension D of the joint embedding space."""
@@ -138,69 +114,28 @@ class Backbone(nn.Module, abc.ABC):
 
     @property
     @abc.abstractmethod
-    def blocks(self) -> Sequence[nn.Module]:
-        """The vision transformer blocks, in order."""
+    def patch_size(self) -> int:
+        """Pixels per cell of the output grid: a ViT's patch side, a CNN's total stride. Image sides must be
+        multiples of it."""
 
     @abc.abstractmethod
-    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch-embed an image and add prefix tokens and (resampled) positional embeddings.
+    def forward_image(self, image: torch.Tensor) -> torch.Tensor:
+        """The image tower's forward, ``[B, 3, H, W] -> [B, D]`` (not normalised, input already validated).
 
-        Args:
-            image: ``[B, 3, H, W]`` normalised image, ``H`` and ``W`` multiples of the patch size.
-            alpha: optional normalised alpha map ``[B, 1, H, W]`` for a backbone with an alpha channel.
-
-        Returns:
-            ``[B, T, C]`` tokens entering the first block, ``T = prefix + (H/p) * (W/p)``.
+        The alpha channel needs nothing here: :meth:`encode_image` feeds it through :attr:`rgb_stem_conv`.
         """
 
-    @abc.abstractmethod
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's own pooling and projection of the last block's output: ``[B, T, C] -> [B, D]``."""
-
-    @abc.abstractmethod
-    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """LeGrad's per-layer head: final norm and projection of a mean-pooled token ``[..., C] -> [..., D]``."""
-
-    @abc.abstractmethod
-    def block_parts(self, block: nn.Module) -> BlockParts:
-        """Describe ``block`` for the gradient decomposition (raise ``NotImplementedError`` if it cannot be)."""
-
-    def grid_size(self, image_size: tuple[int, int] | int) -> tuple[int, int]:
-        """Token grid ``(h, w)`` for an input of ``image_size`` pixels."""
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        h, w = image_size
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        return h // p, w // p
-
-    def layer_indices(self, layers: Sequence[int]) -> list[int]:
-        """Resolve possibly negative block indices to sorted unique non-negative ones."""
-        n = len(self.blocks)
-        out = []
-        for layer in layers:
-            if not -n <= layer < n:
-                raise ValueError(f"layer index {layer} is out of range for a model with {n} blocks")
-            out.append(layer % n)
-        return sorted(set(out))
-
-    def forward_blocks(self, tokens: torch.Tensor, stop: int | None = None) -> torch.Tensor:
-        """Run ``tokens`` ``[B, T, C]`` through blocks ``[0, stop)`` (all blocks when ``stop`` is None)."""
-        blocks = self.blocks if stop is None else self.blocks[:stop]
-        for blk in blocks:
-            tokens = blk(tokens)
-        return tokens
-
+    # ------------------------------------------------------------------------------------------ encoders
     def encode_image(
         self, image: torch.Tensor, normalize: bool = False, alpha: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of the patch size.
+        """Embed images ``[B, 3, H, W] -> [B, D]`` at any size that is a multiple of :attr:`patch_size`.
 
         ``alpha`` ``[B, 1, H, W]`` (normalised, see :mod:`regionembed.backbones.alpha`) needs an alpha channel.
         """
         self.check_image(image)
-        feats = self.pool_tokens(self.forward_blocks(self.embed_tokens(image, alpha=alpha)))
+        with alpha_input(self, alpha, image):
+            feats = self.forward_image(image)
         return nn.functional.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -215,6 +150,37 @@ class Backbone(nn.Module, abc.ABC):
         """``(text, tokens, context length)`` for each text the tokenizer would truncate (none without a text tower
         or when the tokenizer cannot count)."""
         return []
+
+    @property
+    def logit_scale(self) -> torch.Tensor | None:
+        """The learned log temperature of an image-text model (``exp()`` scales cosines to logits), ``None`` for an
+        image-only model."""
+        return None
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """The learned logit bias of a sigmoid-loss model (SigLIP), ``None`` for a softmax CLIP."""
+        return None
+
+    # ------------------------------------------------------------------------------------- alpha channel
+    @property
+    def rgb_stem_conv(self) -> nn.Conv2d | None:
+        """The first convolution applied to the RGB image (a ViT's patch embedding, conv1 of a ResNet stem), or
+        ``None`` when the model has none (then it has no alpha channel).
+
+        The alpha-channel conv copies its kernel, stride and padding; while an alpha is supplied, its output is
+        added to this conv's output (a forward hook, :func:`regionembed.backbones.alpha.alpha_input`).
+        """
+        return None
+
+    def enable_alpha(self) -> Backbone:
+        """Add a zero-initialised alpha-channel conv beside :attr:`rgb_stem_conv` (Alpha-CLIP); returns ``self``.
+
+        A freshly enabled backbone gives the same outputs as before for any alpha. Calling it twice is a no-op.
+        """
+        from .alpha import enable_alpha
+
+        return enable_alpha(self)
 
     # ------------------------------------------------------------------- training parts (image-text models)
     # What a training module may touch, so that modules never reach into a library's model (``model.visual``...).
@@ -231,8 +197,21 @@ class Backbone(nn.Module, abc.ABC):
         self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
     ) -> Backbone:
         """Freeze everything, then let the chosen parts train: the image tower, the text tower, the temperature
-        (``logit_scale``, and a SigLIP bias), the alpha conv (when the backbone has one). Returns ``self``."""
-        raise NotImplementedError(f"{type(self).__name__} does not support choosing trainable towers")
+        (``logit_scale``, and a SigLIP bias), the alpha conv (when the backbone has one). Returns ``self``.
+
+        Written against :attr:`image_tower`, :meth:`text_tower_parameters`, :attr:`logit_scale` and
+        :attr:`logit_bias`, so an adapter that provides those needs nothing more.
+        """
+        self.requires_grad_(False)
+        self.image_tower.requires_grad_(image)
+        for _, p in self.text_tower_parameters():
+            p.requires_grad_(text)
+        for scale in (self.logit_scale, self.logit_bias):
+            if scale is not None:
+                scale.requires_grad_(logit_scale)
+        if self.alpha_embed is not None:
+            self.alpha_embed.requires_grad_(alpha)
+        return self
 
     def eval_text_tower(self) -> None:
         """Put the text tower in eval mode (no dropout), e.g. when it is frozen and its embeddings are cached."""
@@ -241,6 +220,17 @@ class Backbone(nn.Module, abc.ABC):
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights in its library's own key format: what ``pretrained=<file>`` loads back."""
         raise NotImplementedError(f"{type(self).__name__} does not export its weights")
+
+    # ----------------------------------------------------------------------------------------- validation
+    def grid_size(self, image_size: tuple[int, int] | int) -> tuple[int, int]:
+        """Output grid ``(h, w)`` (ViT tokens, last CNN stage) for an input of ``image_size`` pixels."""
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        h, w = image_size
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        return h // p, w // p
 
     def check_image(self, image: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``image`` is a finite ``[B, 3, H, W]`` batch with sides multiple of the patch."""
@@ -252,14 +242,78 @@ class Backbone(nn.Module, abc.ABC):
         self.grid_size(tuple(image.shape[-2:]))
 
 
-# ------------------------------------------------------------------------ attention-pool heads (issue 14)
-class AttentionPoolHead(abc.ABC):
-    """Capability of a backbone whose image embedding comes from an attention pool over the tokens (SigLIP's and
-    PE's ``map`` head, CoCa's attentional pooler): learned latent queries attend over the last block's tokens.
+class TokenGridBackbone(Backbone):
+    """A vision transformer: patch tokens on a grid, run through a stack of attention blocks.
 
-    LeGrad on such a model follows the official recipe for SigLIP/CoCa: the gradient of the score flows into the
-    *pool's* attention probabilities (see :class:`~regionembed.explainers.LeGrad`).
+    Subclasses implement :meth:`input_tokens`, :attr:`blocks`, :meth:`pool_tokens`, :meth:`legrad_head` and
+    :meth:`block_parts` (besides :class:`Backbone`'s ``embed_dim``, ``preprocess``, ``patch_size``).
     """
+
+    capability = "a token-grid (vision transformer) backbone"
+
+    #: number of prefix tokens ([CLS], registers) before the patch tokens
+    num_prefix_tokens: int = 1
+
+    @property
+    @abc.abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The vision transformer blocks, in order."""
+
+    @abc.abstractmethod
+    def input_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch-embed an image and add prefix tokens and (resampled) positional embeddings.
+
+        The patch embedding must run :attr:`rgb_stem_conv` as a module call (the alpha channel hooks it).
+
+        Args:
+            image: ``[B, 3, H, W]`` normalised image, ``H`` and ``W`` multiples of the patch size.
+
+        Returns:
+            ``[B, T, C]`` tokens entering the first block, ``T = prefix + (H/p) * (W/p)``.
+        """
+
+    @abc.abstractmethod
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's own pooling and projection of the last block's output: ``[B, T, C] -> [B, D]``."""
+
+    @abc.abstractmethod
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """LeGrad's per-layer head: final norm and projection of a mean-pooled token ``[..., C] -> [..., D]``."""
+
+    @abc.abstractmethod
+    def block_parts(self, block: nn.Module) -> BlockParts | None:
+        """Describe ``block`` for the gradient decomposition, or ``None`` when its tail does not have the pre-norm
+        form the decomposition's formulas need (the solver then runs the naive strategy)."""
+
+    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`input_tokens` with an optional alpha map ``[B, 1, H, W]`` (needs an alpha channel): ``[B, T, C]``."""
+        with alpha_input(self, alpha, image):
+            return self.input_tokens(image)
+
+    def forward_blocks(self, tokens: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Run ``tokens`` ``[B, T, C]`` through blocks ``[0, stop)`` (all blocks when ``stop`` is None)."""
+        blocks = self.blocks if stop is None else self.blocks[:stop]
+        for blk in blocks:
+            tokens = blk(tokens)
+        return tokens
+
+    def forward_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.pool_tokens(self.forward_blocks(self.input_tokens(image)))
+
+    def layer_indices(self, layers: Sequence[int]) -> list[int]:
+        """Resolve possibly negative block indices to sorted unique non-negative ones."""
+        return _resolve_indices(layers, len(self.blocks), "blocks")
+
+
+class AttentionPoolHead(abc.ABC):
+    """Capability of a :class:`TokenGridBackbone` whose embedding comes from an attention-pooling head: learned
+    queries attending over the last block's tokens (CoCa's attentional pooler, SigLIP's "map" head, PE).
+
+    LeGrad explains such a model through the pool's attention instead of the blocks' (the official LeGrad recipe
+    for SigLIP and CoCa, :mod:`regionembed.explainers.legrad`).
+    """
+
+    capability = "a backbone with an attention-pool head"
 
     @property
     def has_attention_pool(self) -> bool:
@@ -269,21 +323,126 @@ class AttentionPoolHead(abc.ABC):
 
     @abc.abstractmethod
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention pool (and the projection after it) applied to one block's output tokens.
-
-        As the official LeGrad, the tower's final norm before the pool is *not* applied (LeGrad feeds every layer's
-        raw block output to the pool); the pool's own norms, MLP and the projections after it are.
+        """Apply the head (pool, norm, projection) to a block's output tokens, keeping the pool's attention.
 
         Args:
-            tokens: ``[B, T, C]`` output of a transformer block.
+            tokens: ``[B, T, C]`` output of any block (prefix tokens included).
 
         Returns:
-            ``(embedding [B, D], probs [B, H, Q, T'])``: the pooled embedding and the pool's post-softmax attention
-            probabilities, on the autograd graph, over the tokens the pool reads: all ``T`` (prefix tokens first) or
-            only the patch tokens (a pool that skips the prefix). The patch tokens are always the last ``h*w``.
+            ``(embedding [B, D], probs [B, H, Q, T'])``: the embedding as :meth:`TokenGridBackbone.pool_tokens`
+            computes it from ``tokens``, and the pool's post-softmax attention of its ``Q`` queries over the
+            ``T'`` tokens it attends to, on the autograd graph (a leaf when nothing upstream requires grad).
+            ``T'`` is all ``T`` tokens (prefix first) or only the patch tokens (a pool that skips the prefix); the
+            patch tokens are always the last ``h * w``.
         """
 
 
 def uses_attention_pool(backbone: Backbone) -> bool:
     """Whether ``backbone`` pools through an attention pool (:class:`AttentionPoolHead` with a pool)."""
     return isinstance(backbone, AttentionPoolHead) and backbone.has_attention_pool
+
+
+class FeatureMapBackbone(Backbone):
+    """A convolutional network: residual stages producing feature maps ``[B, C, h, w]``, then a pooling head.
+
+    Subclasses implement :attr:`stages`, :meth:`forward_stages` and :meth:`pool_features`.
+    """
+
+    capability = "a feature-map (convolutional) backbone"
+
+    @property
+    @abc.abstractmethod
+    def stages(self) -> tuple[str, ...]:
+        """Names of the stages whose outputs are feature maps, in order (e.g. ``layer1`` ... ``layer4``)."""
+
+    @abc.abstractmethod
+    def forward_stages(self, image: torch.Tensor, stage: str) -> torch.Tensor:
+        """Run the stem and the stages up to and including ``stage``: ``[B, 3, H, W] -> [B, C, h, w]``.
+
+        The stem must run :attr:`rgb_stem_conv` as a module call (the alpha channel hooks it).
+        """
+
+    @abc.abstractmethod
+    def pool_features(
+        self, feats: torch.Tensor, layer: int | str = -1, explicit_attention: bool = False
+    ) -> torch.Tensor:
+        """Run the stages after ``layer`` and the pooling head: ``[B, C, h, w] -> [B, D]`` (not normalised).
+
+        Args:
+            feats: activations after ``layer``.
+            layer: the stage ``feats`` come from (name or index).
+            explicit_attention: compute an attention pool with an explicit softmax (twice differentiable).
+        """
+
+    def stage_name(self, layer: int | str) -> str:
+        """Normalise a stage given by name (``"layer4"``) or index (``3``, ``-1``) to its name."""
+        if isinstance(layer, str):
+            if layer not in self.stages:
+                raise ValueError(f"unknown stage {layer!r}; expected one of {self.stages}")
+            return layer
+        return self.stages[self.layer_indices([int(layer)])[0]]
+
+    def layer_indices(self, layers: Sequence[int]) -> list[int]:
+        """Resolve stage indices (negative allowed) to sorted unique non-negative ones."""
+        return _resolve_indices(layers, len(self.stages), "stages")
+
+    def feature_maps(
+        self, image: torch.Tensor, layer: int | str = -1, alpha: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Activations after a stage.
+
+        Args:
+            image: ``[B, 3, H, W]`` normalised image, sides multiples of :attr:`patch_size`.
+            layer: stage name or index (``-1`` = the last stage).
+            alpha: optional normalised alpha map ``[B, 1, H, W]`` (needs an alpha channel).
+
+        Returns:
+            ``[B, C, h, w]``; for the last stage ``(h, w) = grid_size(image)``.
+        """
+        self.check_image(image)
+        with alpha_input(self, alpha, image):
+            return self.forward_stages(image, self.stage_name(layer))
+
+    def forward_image(self, image: torch.Tensor) -> torch.Tensor:
+        last = self.stages[-1]
+        return self.pool_features(self.forward_stages(image, last), last)
+
+
+def _resolve_indices(layers: Sequence[int], n: int, what: str) -> list[int]:
+    """Possibly negative indices into ``n`` blocks or stages -> sorted unique non-negative ones."""
+    out = []
+    for layer in layers:
+        if not -n <= layer < n:
+            raise ValueError(f"layer index {layer} is out of range for a model with {n} {what}")
+        out.append(layer % n)
+    return sorted(set(out))
+
+
+def require(backbone: Backbone, capability: type, method: str, alternative: str | None = None) -> Backbone:
+    """Check that ``backbone`` has ``capability`` (a capability class above) before ``method`` uses it.
+
+    Example::
+
+        require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM")
+
+    Args:
+        backbone: the backbone a method was given.
+        capability: :class:`TokenGridBackbone`, :class:`FeatureMapBackbone`, :class:`AttentionPoolHead`, ...
+        method: what needs it, for the message (``"LeGrad"``).
+        alternative: what to use instead on this backbone, for the message (``"GradCAM"``).
+
+    Returns:
+        ``backbone`` unchanged.
+
+    Raises:
+        UnsupportedModelError: ``backbone`` lacks the capability; the message names the method and the alternative.
+    """
+    if isinstance(backbone, capability):
+        return backbone
+    if isinstance(backbone, Backbone):
+        name = f"{type(backbone).__name__}({backbone.model_name!r})" if backbone.model_name else type(backbone).__name__
+        have = backbone.capability
+    else:
+        name, have = type(backbone).__name__, "not a regionembed backbone"
+    instead = f"; use {alternative} instead" if alternative else ""
+    raise UnsupportedModelError(f"{method} needs {capability.capability}, but {name} is {have}{instead}")

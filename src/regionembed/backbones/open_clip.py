@@ -1,8 +1,14 @@
-"""open_clip vision transformers behind the :class:`~regionembed.backbones.base.Backbone` interface."""
+"""open_clip CLIP models behind the :class:`~regionembed.backbones.base.Backbone` interface.
+
+:class:`OpenCLIPBackbone` is the one name users build (``OpenCLIPBackbone("ViT-B-16", pretrained=...)``); it returns
+the adapter for the image tower open_clip builds (ViT, CoCa's attention-pooled ViT, ModifiedResNet, timm tower).
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -10,15 +16,17 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .alpha import load_alpha_clip_visual
-from .attention import UnsupportedModelError, check_library_versions
-from .base import Backbone, BlockParts, PreprocessSpec
+from .attention import AttentionRecorder, UnsupportedModelError, check_library_versions
+from .base import AttentionPoolHead, Backbone, BlockParts, PreprocessSpec, TokenGridBackbone
 from .vocab import RemappedTokenizer, read_words, vocabulary_file
 from .weights import (
+    PretrainedWeightsUnavailable,
     hub_offline,
     load_lightning_backbone_state,
     looks_like_path,
@@ -34,7 +42,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 #: tiny architectures shipped with regionembed for tests and smoke runs (random init only; ``re-tiny-rn`` is a
-#: ModifiedResNet for :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`, the others are ViTs)
+#: ModifiedResNet, ``re-tiny-coca`` a CoCa with an attentional pooler, the others are plain ViTs)
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
 
 #: the CLIP's own scalars, trained with neither tower (``logit_bias``: SigLIP)
@@ -127,13 +135,177 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         raise
 
 
-class OpenCLIPModelMixin:
-    """What every open_clip-based backbone shares: preprocessing from the model, the text tower, the alpha channel.
+class _NoTokenizer:
+    """Stands in for the tokenizer of a backbone built with ``tokenizer=False`` (image-side use only)."""
 
-    Expects ``self.model`` (an open_clip CLIP) and ``self.model_name``, ``self.pretrained``.
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, texts) -> torch.Tensor:
+        raise ValueError(
+            f"{self.model_name} was built with tokenizer=False (no text side); pass tokenizer='/path/to/folder' "
+            "(or None to load it from the hub) to tokenize texts"
+        )
+
+
+def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
+    """The tokenizer ``tokenizer=`` asks for: a Hugging Face one from a local folder, the hub one of a config that
+    names one (``text_cfg.hf_tokenizer_name``), a :class:`_NoTokenizer`, or ``None`` for open_clip's built-in one.
+
+    Raises:
+        ImportError: the config needs ``transformers`` (``regionembed[hf]``) and it is not installed.
+        PretrainedWeightsUnavailable: the hub tokenizer cannot be downloaded (offline), naming ``tokenizer=``.
+        ValueError: ``tokenizer`` is given for a model whose tokenizer is not a Hugging Face one, or is no folder.
+    """
+    if tokenizer is False:
+        return _NoTokenizer(model_name)
+    if tokenizer is True:
+        tokenizer = None
+    if model_name not in open_clip.list_models():
+        return None  # _create_open_clip names the unknown model
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    hub_name = text_cfg.get("hf_tokenizer_name")
+    if hub_name and importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            f"{model_name}'s tokenizer is a Hugging Face tokenizer: pip install 'regionembed[hf]' (transformers), "
+            "or pass tokenizer=False for image-side use only"
+        )
+    if tokenizer is not None:
+        if not hub_name:
+            raise ValueError(
+                f"tokenizer={tokenizer!r}: {model_name} uses open_clip's built-in tokenizer (no Hugging Face "
+                "tokenizer to replace); leave tokenizer unset"
+            )
+        if not os.path.isdir(tokenizer):
+            raise ValueError(f"tokenizer={tokenizer!r} is not a folder (a tokenizer saved with save_pretrained)")
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(
+            tokenizer, context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+        )
+    if not hub_name:
+        return None
+    offline = hub_offline()
+    if offline and not os.environ.get("HF_HUB_OFFLINE"):  # unreachable: fail now instead of after long retries
+        raise _tokenizer_offline_error(model_name, hub_name)
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except Exception as err:  # hub and transformers raise many types; re-raise with the way out
+        if offline:
+            raise _tokenizer_offline_error(model_name, hub_name) from err
+        raise
+
+
+def _tokenizer_offline_error(model_name: str, hub_name: str) -> PretrainedWeightsUnavailable:
+    reason = (
+        f"the Hugging Face tokenizer {hub_name} of {model_name} must be downloaded from the Hugging Face hub, which "
+        "is not reachable from this machine (or HF_HUB_OFFLINE is set and no cached copy exists)"
+    )
+    return PretrainedWeightsUnavailable(
+        f"{reason}. Save it on a machine with network access, e.g. `AutoTokenizer.from_pretrained({hub_name!r})"
+        ".save_pretrained('tokenizer_folder')`, and pass the folder: "
+        f"OpenCLIPBackbone({model_name!r}, tokenizer='/path/to/tokenizer_folder') "
+        "(YAML: backbone.init_args.tokenizer)",
+        reason=reason,
+    )
+
+
+def tower_type(model_name: str) -> str:
+    """The kind of image tower open_clip builds for ``model_name``: ``"resnet"`` (ModifiedResNet), ``"timm"`` (a timm
+    model: SigLIP, EVA02, PE, ...) or ``"vit"`` (open_clip's VisionTransformer, CoCa's included), read from the config
+    as open_clip's own ``_build_vision_tower`` decides."""
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return "timm"
+    if isinstance(vision.get("layers"), list | tuple):
+        return "resnet"
+    return "vit"
+
+
+def _adapter_class(model_name: str) -> type:
+    """The adapter class for ``model_name``'s tower (imported lazily: the adapters import this module)."""
+    kind = tower_type(model_name)
+    if kind == "resnet":
+        from .resnet import OpenCLIPResNetBackbone
+
+        return OpenCLIPResNetBackbone
+    if kind == "timm":
+        from .open_clip_timm import OpenCLIPTimmBackbone
+
+        return OpenCLIPTimmBackbone
+    if (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("attentional_pool"):
+        return OpenCLIPAttentionPoolBackbone
+    return OpenCLIPViTBackbone
+
+
+class OpenCLIPBackbone(Backbone):
+    """An open_clip CLIP model as a regionembed backbone; the adapter for its image tower is chosen for you.
+
+    ``OpenCLIPBackbone(model_name, ...)`` returns an instance of the adapter subclass that fits the tower open_clip
+    builds for ``model_name``: :class:`OpenCLIPViTBackbone` (VisionTransformer),
+    :class:`OpenCLIPAttentionPoolBackbone` (VisionTransformer with CoCa's attentional pooler),
+    :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone` (ModifiedResNet) or ``OpenCLIPTimmBackbone`` (a
+    timm tower). The subclasses share this constructor; what they have in common (weights, preprocessing from the
+    model, the text tower, training parts, the alpha channel) lives here.
+
+    Args:
+        model_name: any open_clip config name (``open_clip.list_models()``), or a tiny regionembed config
+            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``, ``re-tiny-rn``, ``re-tiny-coca``; timm towers:
+            ``re-tiny-siglip``, ``re-tiny-eva02``, ``re-tiny-pe``).
+        pretrained: ``None`` for random init, an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
+            needs the hub), a local weights file (``.pt/.pth/.bin/.safetensors``, loaded weights-only, or a
+            regionembed ``.ckpt``), or ``regionembed:<name>``.
+        image_size: square input side; positional embeddings are resampled on the fly (the model's own
+            parameters are never modified). Defaults to the model's native size.
+        cache_dir: open_clip download cache.
+        alpha_channel: add Alpha-CLIP's zero-initialised alpha conv beside the stem conv
+            (:mod:`regionembed.backbones.alpha`); ``encode_image(image, alpha=...)`` then takes an alpha map.
+        alpha_checkpoint: an Alpha-CLIP visual checkpoint (the official ``clip_b16_grit20m_fultune_2xe.pth`` etc.,
+            our export, or a regionembed ``.ckpt`` of an alpha model) that replaces the visual tower and the alpha
+            conv after ``pretrained`` is loaded (so ``pretrained`` provides the text tower); implies
+            ``alpha_channel``.
+        tokenizer: for configs whose tokenizer is a Hugging Face one that open_clip loads from the hub (SigLIP,
+            SigLIP2; needs ``regionembed[hf]``): a local folder holding it (``save_pretrained`` output or a hub
+            snapshot); ``None`` loads it from the hub (or fails at once offline, naming this argument). ``False``
+            builds no tokenizer, for any model (image-side use only: explainers and MaskInversion with given
+            targets, benchmarks; ``tokenize`` then raises).
     """
 
-    def _init_open_clip(self, size: int, alpha_channel: bool = False, alpha_checkpoint: str | None = None) -> None:
+    def __new__(
+        cls,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+        alpha_channel: bool = False,
+        alpha_checkpoint: str | None = None,
+        tokenizer: str | bool | None = None,
+    ) -> OpenCLIPBackbone:
+        # the full signature, as __init__'s: jsonargparse reads a class's parameters from __new__ when it has one
+        if cls is OpenCLIPBackbone:  # dispatch on the tower; a subclass named explicitly is built as asked
+            cls = _adapter_class(model_name)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+        alpha_channel: bool = False,
+        alpha_checkpoint: str | None = None,
+        tokenizer: str | bool | None = None,
+    ) -> None:
+        super().__init__()
+        check_library_versions("open_clip")
+        self.model_name = model_name
+        self.pretrained = pretrained = normalize_pretrained(pretrained)
+        self.tokenizer_path = tokenizer
+        hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
+        self.model = _create_open_clip(model_name, pretrained, cache_dir)
+        size = self._init_tower(image_size)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         self._preprocess = PreprocessSpec(
             size=size,
@@ -142,7 +314,8 @@ class OpenCLIPModelMixin:
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
         )
-        self._tokenizer = self._make_tokenizer()
+        self._tokenizer = hf_tokenizer if hf_tokenizer is not None else get_tokenizer(self.model_name, self.model)
+        self._check_tokenizer_ids()
         self.alpha_checkpoint = alpha_checkpoint
         if alpha_checkpoint:
             load_alpha_clip_visual(self, alpha_checkpoint)
@@ -150,17 +323,39 @@ class OpenCLIPModelMixin:
             self.enable_alpha()
         self.model.eval()
 
-    def _make_tokenizer(self):
-        """The text tokenizer (open_clip's for ``model_name``; overridden where it can come from a local folder)."""
-        return get_tokenizer(self.model_name, self.model)
+    def _check_tokenizer_ids(self) -> None:
+        """A tokenizer folder given as ``tokenizer=`` must not produce ids beyond the text tower's token embedding."""
+        inner = getattr(self._tokenizer, "tokenizer", None)
+        if self.tokenizer_path in (None, True, False) or inner is None:
+            return
+        text = getattr(self.model, "text", self.model)
+        rows = getattr(getattr(text, "token_embedding", None), "num_embeddings", None)
+        if rows is not None and len(inner) > rows:
+            raise ValueError(
+                f"tokenizer={self.tokenizer_path!r} has {len(inner)} ids but {self.model_name}'s text tower has {rows} "
+                "token embeddings"
+            )
+
+    @abc.abstractmethod
+    def _init_tower(self, image_size: int | None) -> int:
+        """Check ``self.model.visual`` is the tower this adapter handles and set up its geometry; returns the input
+        size (``image_size`` or the native one), validated."""
 
     @property
     def preprocess(self) -> PreprocessSpec:
         return self._preprocess
 
     @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)  # SigLIP models have one, CLIPs do not
 
     @property
     def rgb_stem_conv(self) -> nn.Conv2d:
@@ -179,20 +374,6 @@ class OpenCLIPModelMixin:
         for name, p in self.model.named_parameters():
             if not name.startswith("visual.") and name not in _SCALE_PARAMETERS:
                 yield name, p
-
-    def set_trainable(
-        self, image: bool = False, text: bool = False, logit_scale: bool = False, alpha: bool = False
-    ) -> OpenCLIPModelMixin:
-        self.requires_grad_(False)
-        self.image_tower.requires_grad_(image)
-        for _, p in self.text_tower_parameters():
-            p.requires_grad_(text)
-        for name in _SCALE_PARAMETERS:
-            if getattr(self.model, name, None) is not None:
-                getattr(self.model, name).requires_grad_(logit_scale)
-        if self.alpha_embed is not None:
-            self.alpha_embed.requires_grad_(alpha)
-        return self
 
     def eval_text_tower(self) -> None:
         for name, child in self.model.named_children():
@@ -221,72 +402,51 @@ class OpenCLIPModelMixin:
 
     def extra_repr(self) -> str:
         alpha = f", alpha_checkpoint={self.alpha_checkpoint!r}" if self.alpha_checkpoint else ""
+        tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path is not None else ""
         return (
-            f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}{alpha}"
+            f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}"
+            f"{alpha}{tok}"
         )
 
 
-class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
-    """An open_clip CLIP model (ViT image tower) as a regionembed backbone.
+# ``OpenCLIPBackbone(...)`` never builds an OpenCLIPBackbone itself (``__new__`` returns the adapter subclass), so it
+# is not abstract to its callers; it must not look abstract either, or jsonargparse refuses
+# ``class_path: regionembed.backbones.OpenCLIPBackbone``. The adapters are still checked for completeness by ABCMeta
+# through their capability classes.
+OpenCLIPBackbone.__abstractmethods__ = frozenset()
 
-    Args:
-        model_name: any open_clip ViT config name (``open_clip.list_models()``), or a tiny regionembed config
-            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``).
-        pretrained: ``None`` for random init, an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
-            needs the hub), or a local weights file (``.pt/.pth/.bin/.safetensors``, loaded weights-only).
-        image_size: square input side; positional embeddings are resampled on the fly (the model's own
-            parameters are never modified). Defaults to the model's native size.
-        cache_dir: open_clip download cache.
-        alpha_channel: add Alpha-CLIP's zero-initialised alpha conv beside the patch embedding
-            (:mod:`regionembed.backbones.alpha`); ``encode_image(image, alpha=...)`` then takes an alpha map.
-        alpha_checkpoint: an Alpha-CLIP visual checkpoint (the official ``clip_b16_grit20m_fultune_2xe.pth`` etc.,
-            our export, or a regionembed ``.ckpt`` of an alpha model) that replaces the visual tower and the alpha
-            conv after ``pretrained`` is loaded (so ``pretrained`` provides the text tower); implies
-            ``alpha_channel``.
+
+class OpenCLIPViTBackbone(OpenCLIPBackbone, TokenGridBackbone):
+    """An open_clip CLIP with a ``VisionTransformer`` image tower ([CLS] or mean pooling).
+
+    Built by ``OpenCLIPBackbone(model_name, ...)`` for ViT configs; takes the same arguments.
     """
 
-    def __init__(
-        self,
-        model_name: str = "ViT-B-16",
-        pretrained: str | None = None,
-        image_size: int | None = None,
-        cache_dir: str | None = None,
-        alpha_channel: bool = False,
-        alpha_checkpoint: str | None = None,
-    ) -> None:
-        super().__init__()
-        check_library_versions("open_clip")
-        from .open_clip_timm import is_timm_tower
-
-        if is_timm_tower(model_name):  # issue 14: the seam's dispatch picks OpenCLIPTimmBackbone for these
-            raise UnsupportedModelError(
-                f"{model_name} has a timm image tower: use OpenCLIPTimmBackbone({model_name!r}, ...) (same arguments)"
-            )
-        self.model_name = model_name
-        self.pretrained = pretrained = normalize_pretrained(pretrained)
-        self.model = _create_open_clip(model_name, pretrained, cache_dir)
+    def _init_tower(self, image_size: int | None) -> int:
         visual = self.model.visual
         if not isinstance(visual, VisionTransformer):
-            raise UnsupportedModelError(f"{model_name}: only open_clip VisionTransformer image towers are supported")
-        if visual.attn_pool is not None:
-            raise UnsupportedModelError(f"{model_name}: attentional pooling (CoCa) is not supported")
+            raise UnsupportedModelError(
+                f"{self.model_name}: {type(self).__name__} needs an open_clip VisionTransformer image tower, got "
+                f"{type(visual).__name__}; build it with OpenCLIPBackbone({self.model_name!r}), which picks the adapter"
+            )
+        if (visual.attn_pool is not None) != isinstance(self, AttentionPoolHead):
+            raise UnsupportedModelError(
+                f"{self.model_name}: build it with OpenCLIPBackbone({self.model_name!r}), which picks the adapter for "
+                "its pooling (attentional pooler or not)"
+            )
         if not visual.transformer.batch_first:
-            raise UnsupportedModelError(f"{model_name}: sequence-first transformers are not supported")
+            raise UnsupportedModelError(f"{self.model_name}: sequence-first transformers are not supported")
         self._patch = int(visual.patch_size[0])
         self._native_grid = tuple(int(g) for g in visual.grid_size)
         size = int(image_size or visual.image_size[0])
         if size % self._patch:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
-        self._init_open_clip(size, alpha_channel, alpha_checkpoint)
+        return size
 
     # ----------------------------------------------------------------------------------------- properties
     @property
     def patch_size(self) -> int:
         return self._patch
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.visual.output_dim)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -302,9 +462,9 @@ class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
             pos.unsqueeze(0), new_size=list(grid), old_size=list(self._native_grid), num_prefix_tokens=1
         )[0]
 
-    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def input_tokens(self, image: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
-        x = self.add_alpha(visual.conv1(image), alpha, image)  # [B, C, h, w]
+        x = visual.conv1(image)  # [B, C, h, w]
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
@@ -322,9 +482,9 @@ class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
         out = visual.ln_post(pooled)
         return out @ visual.proj if visual.proj is not None else out
 
-    def block_parts(self, block: nn.Module) -> BlockParts:
+    def block_parts(self, block: nn.Module) -> BlockParts | None:
         if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.ln_2, nn.LayerNorm):
-            raise NotImplementedError(f"no gradient decomposition for {type(block).__name__}")
+            return None
         attn = block.attn
         return BlockParts(
             num_heads=attn.num_heads,
@@ -337,3 +497,48 @@ class OpenCLIPBackbone(OpenCLIPModelMixin, Backbone):
             ls1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
             ls2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
         )
+
+
+class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
+    """An open_clip ``VisionTransformer`` whose embedding comes from CoCa's attentional pooler.
+
+    open_clip's CoCa setup (``attentional_pool: true``): the last block's tokens (all of them, [CLS] included) go
+    through ``AttentionalPooler`` (``Q`` learned queries, ``ln_q``/``ln_k``, cross-attention), then ``ln_post``; the
+    contrastive embedding is the first query's output (``pool_type: "tok"``; ``"avg"``: the mean of the others)
+    times ``proj``. The pooler's attention over the tokens is recorded by
+    :class:`~regionembed.backbones.attention.AttentionRecorder`, which :meth:`attention_pool_embed` uses; LeGrad
+    explains through it. The paper-style ``"parallel"``/``"cascade"`` poolers (open_clip: untested WIP) are refused.
+
+    Built by ``OpenCLIPBackbone("coca_ViT-B-32", ...)``; takes the same arguments.
+    """
+
+    def _init_tower(self, image_size: int | None) -> int:
+        size = super()._init_tower(image_size)
+        visual = self.model.visual
+        if visual.attn_pool_contrastive is not None or visual.pool_type not in ("tok", "avg"):
+            raise UnsupportedModelError(
+                f"{self.model_name}: only open_clip's original CoCa attentional pooling is supported (attentional_pool "
+                f"true, pool_type 'tok' or 'avg'), not {visual.attn_pool_type or visual.pool_type!r}"
+            )
+        return size
+
+    def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head applied to one token ``[..., C] -> [..., D]``: the pool with all its attention on that token (its
+        value path ``out_proj(v_proj(ln_k(x)))``, the same for every query), then ``ln_post`` and ``proj``."""
+        visual = self.model.visual
+        pool = visual.attn_pool
+        mha = pool.attn
+        w_v = mha.v_proj_weight if not mha._qkv_same_embed_dim else mha.in_proj_weight.chunk(3)[2]
+        b_v = mha.in_proj_bias.chunk(3)[2] if mha.in_proj_bias is not None else None
+        out = mha.out_proj(F.linear(pool.ln_k(pooled), w_v, b_v))
+        out = visual.ln_post(out)
+        return out @ visual.proj if visual.proj is not None else out
+
+    def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.model.visual.attn_pool
+        with AttentionRecorder([pool], [0]) as rec:
+            embedding = self.pool_tokens(tokens)
+        probs = rec.records[0].probs
+        if probs is None:  # the pooler no longer calls its attention module: an open_clip this was not written for
+            raise UnsupportedModelError(f"{self.model_name}: the attentional pooler's attention could not be recorded")
+        return embedding, probs

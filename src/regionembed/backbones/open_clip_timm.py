@@ -9,15 +9,13 @@ Tiny random-init architectures for tests (``re-tiny-siglip``, ``re-tiny-eva02``,
 configs in ``model_configs/`` whose ``timm_model_name`` is a tiny timm model registered here (open_clip passes no
 size arguments to timm, so the size lives in the timm registry).
 
-SigLIP's tokenizer is a Hugging Face tokenizer that open_clip loads from the hub (``hf_tokenizer_name``). Offline,
-pass a local tokenizer folder (saved with ``save_pretrained``, or a snapshot of the hub repository) as
-``tokenizer=``.
+Users build these with ``OpenCLIPBackbone(model_name, ...)``, which returns an :class:`OpenCLIPTimmBackbone` for a
+timm tower. SigLIP's tokenizer is a Hugging Face tokenizer that open_clip loads from the hub (``hf_tokenizer_name``);
+offline, pass a local tokenizer folder as ``tokenizer=`` (see :class:`~regionembed.backbones.OpenCLIPBackbone`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import open_clip
@@ -29,11 +27,10 @@ from timm.models import vision_transformer as timm_vit
 from torch import nn
 
 from .attention import UnsupportedModelError, attention_pool_forward, check_library_versions
-from .base import AttentionPoolHead, Backbone, BlockParts
-from .open_clip import OpenCLIPModelMixin, _create_open_clip, get_tokenizer
-from .weights import PretrainedWeightsUnavailable, hub_offline, normalize_pretrained
+from .base import AttentionPoolHead, BlockParts, TokenGridBackbone
+from .open_clip import OpenCLIPBackbone
 
-__all__ = ["OpenCLIPTimmBackbone", "is_timm_tower"]
+__all__ = ["OpenCLIPTimmBackbone"]
 
 
 # ------------------------------------------------------------------------------- tiny timm architectures
@@ -60,104 +57,20 @@ def re_tiny_pe(pretrained: bool = False, **kwargs) -> nn.Module:
     return eva.vit_pe_core_base_patch16_224(pretrained=False, **{**tiny, **kwargs})
 
 
-def is_timm_tower(model_name: str) -> bool:
-    """Whether the open_clip config ``model_name`` has a timm image tower (``vision_cfg.timm_model_name``)."""
-    cfg = open_clip.get_model_config(model_name) or {}
-    return bool(cfg.get("vision_cfg", {}).get("timm_model_name"))
-
-
-class _NoTokenizer:
-    """Stands in for the tokenizer of a backbone built with ``tokenizer=False`` (image-side use only)."""
-
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-
-    def __call__(self, texts) -> torch.Tensor:
-        raise ValueError(
-            f"{self.model_name} was built with tokenizer=False (no text side); pass tokenizer='/path/to/folder' "
-            "(or None to load it from the hub) to tokenize texts"
-        )
-
-
-def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
-    """open_clip's tokenizer for ``model_name``; a Hugging Face one from the local folder ``tokenizer`` if given.
-
-    Raises:
-        PretrainedWeightsUnavailable: the hub tokenizer cannot be downloaded (offline), naming ``tokenizer=``.
-        ValueError: ``tokenizer`` is given for a model whose tokenizer is not a Hugging Face one, or is no folder.
-    """
-    if tokenizer is False:
-        return _NoTokenizer(model_name)
-    if tokenizer is True:
-        tokenizer = None
-    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
-    hub_name = text_cfg.get("hf_tokenizer_name")
-    if hub_name and importlib.util.find_spec("transformers") is None:
-        raise ImportError(
-            f"{model_name}'s tokenizer is a Hugging Face tokenizer: pip install 'regionembed[siglip]' (transformers), "
-            "or pass tokenizer=False for image-side use only"
-        )
-    if tokenizer is not None:
-        if not hub_name:
-            raise ValueError(
-                f"tokenizer={tokenizer!r}: {model_name} uses open_clip's built-in tokenizer (no Hugging Face "
-                "tokenizer to replace); leave tokenizer unset"
-            )
-        if not os.path.isdir(tokenizer):
-            raise ValueError(f"tokenizer={tokenizer!r} is not a folder (a tokenizer saved with save_pretrained)")
-        from open_clip.tokenizer import HFTokenizer
-
-        return HFTokenizer(
-            tokenizer,
-            context_length=text_cfg.get("context_length", 77),
-            **text_cfg.get("tokenizer_kwargs", {}),
-        )
-    if not hub_name:
-        return None
-    offline = hub_offline()
-    if offline and not os.environ.get("HF_HUB_OFFLINE"):  # unreachable: fail now instead of after long retries
-        raise _tokenizer_offline_error(model_name, hub_name)
-    try:
-        return open_clip.get_tokenizer(model_name)
-    except Exception as err:  # hub and transformers raise many types; re-raise with the way out
-        if offline:
-            raise _tokenizer_offline_error(model_name, hub_name) from err
-        raise
-
-
-def _tokenizer_offline_error(model_name: str, hub_name: str) -> PretrainedWeightsUnavailable:
-    reason = (
-        f"the Hugging Face tokenizer {hub_name} of {model_name} must be downloaded from the Hugging Face hub, which "
-        "is not reachable from this machine (or HF_HUB_OFFLINE is set and no cached copy exists)"
-    )
-    return PretrainedWeightsUnavailable(
-        f"{reason}. Save it on a machine with network access, e.g. `AutoTokenizer.from_pretrained({hub_name!r})"
-        ".save_pretrained('tokenizer_folder')`, and pass the folder: "
-        f"OpenCLIPTimmBackbone({model_name!r}, tokenizer='/path/to/tokenizer_folder') "
-        "(YAML: backbone.init_args.tokenizer)",
-        reason=reason,
-    )
-
-
-class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
+class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHead):
     """An open_clip CLIP whose image tower is a timm ViT (SigLIP, SigLIP2, EVA02, PE-Core) as a regionembed backbone.
 
-    Args:
-        model_name: an open_clip config with a timm image tower (``ViT-B-16-SigLIP``, ``ViT-B-16-SigLIP2``,
-            ``EVA02-B-16``, ``PE-Core-B-16``, ...) or a tiny regionembed config (``re-tiny-siglip``,
-            ``re-tiny-eva02``, ``re-tiny-pe``).
-        pretrained: ``None`` for random init, an open_clip pretrained tag (needs the hub), or a local weights file.
-        image_size: square input side; absolute positional embeddings are resampled and rotary embeddings rebuilt
-            for the grid on the fly (the model's own parameters are never modified). Defaults to the native size.
-        cache_dir: open_clip download cache.
-        alpha_channel: add Alpha-CLIP's zero-initialised alpha conv beside the patch embedding.
-        alpha_checkpoint: not available for timm towers (the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs).
-        tokenizer: a local folder holding the model's Hugging Face tokenizer (``save_pretrained`` output or a hub
-            snapshot) for configs whose tokenizer comes from the hub (SigLIP, SigLIP2); ``None`` loads it from the
-            hub (or fails at once offline, naming this argument); ``False`` builds no tokenizer (image-side use
-            only: explainers and MaskInversion with given targets, benchmarks; ``tokenize`` then raises).
+    Built by ``OpenCLIPBackbone(model_name, ...)`` for configs with a timm image tower (``ViT-B-16-SigLIP``,
+    ``ViT-B-16-SigLIP2``, ``EVA02-B-16``, ``PE-Core-B-16``, ..., and the tiny ``re-tiny-siglip``, ``re-tiny-eva02``,
+    ``re-tiny-pe``); takes the same arguments, with these differences:
 
-    On an attention-pool model (SigLIP, PE) the capability :meth:`attention_pool_embed` drives LeGrad.
+    * ``image_size``: absolute positional embeddings are resampled and rotary embeddings rebuilt for the grid on the
+      fly (the model's own parameters are never modified).
+    * ``alpha_checkpoint`` is refused: the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs
+      (``alpha_channel=True`` trains an alpha channel on these models).
+
+    On an attention-pool model (SigLIP, PE) the capability :meth:`attention_pool_embed` drives LeGrad, rollout's pool
+    row and MaskInversion's ``attention_pool`` strategy; EVA02 pools with its [CLS] token.
     """
 
     def __init__(
@@ -170,26 +83,21 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         alpha_checkpoint: str | None = None,
         tokenizer: str | bool | None = None,
     ) -> None:
-        super().__init__()
-        check_library_versions("open_clip")
-        check_library_versions("timm")
-        if alpha_checkpoint:
+        if alpha_checkpoint:  # before any weights are loaded
             raise UnsupportedModelError(
                 f"{model_name}: Alpha-CLIP checkpoints exist for OpenAI CLIP ViTs only (OpenCLIPBackbone('ViT-B-16', "
                 "alpha_checkpoint=...)); use alpha_channel=True to train an alpha channel on this model"
             )
-        if model_name in open_clip.list_models() and not is_timm_tower(model_name):
-            raise UnsupportedModelError(
-                f"{model_name} has no timm image tower; use OpenCLIPBackbone({model_name!r}) instead"
-            )
-        self.model_name = model_name
-        self.pretrained = pretrained = normalize_pretrained(pretrained)
-        self.tokenizer_path = tokenizer
-        hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
-        self.model = _create_open_clip(model_name, pretrained, cache_dir)
-        visual = self.model.visual
+        super().__init__(model_name, pretrained, image_size, cache_dir, alpha_channel, None, tokenizer)
+
+    def _init_tower(self, image_size: int | None) -> int:
+        check_library_versions("timm")
+        model_name, visual = self.model_name, self.model.visual
         if not isinstance(visual, TimmModel):
-            raise UnsupportedModelError(f"{model_name}: the image tower is {type(visual).__name__}, not a timm tower")
+            raise UnsupportedModelError(
+                f"{model_name}: {type(self).__name__} needs an open_clip timm image tower, got "
+                f"{type(visual).__name__}; build it with OpenCLIPBackbone({model_name!r}), which picks the adapter"
+            )
         trunk = visual.trunk
         if type(trunk) not in (timm_vit.VisionTransformer, eva.Eva):
             raise UnsupportedModelError(
@@ -216,28 +124,12 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         if size % self._patch:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
         # rotary embeddings: EvaBlock.forward(x, rope=...) needs the grid's embedding; a pre-hook gives it to blocks
-        # called as blk(x) (how the explainers run a tower block by block). Keyed by patch count, set by embed_tokens.
+        # called as blk(x) (how the explainers run a tower block by block). Keyed by patch count, set by input_tokens.
         self._ropes: dict[int, torch.Tensor] = {}
         if getattr(trunk, "rope", None) is not None:
             for blk in trunk.blocks:
                 blk.register_forward_pre_hook(self._give_rope, with_kwargs=True)
-        self._hf_tokenizer = hf_tokenizer
-        self._init_open_clip(size, alpha_channel, None)
-
-    def _make_tokenizer(self):
-        if self._hf_tokenizer is None:
-            return get_tokenizer(self.model_name, self.model)
-        if isinstance(self._hf_tokenizer, _NoTokenizer):
-            return self._hf_tokenizer
-        text = getattr(self.model, "text", self.model)
-        rows = getattr(getattr(text, "token_embedding", None), "num_embeddings", None)
-        ids = len(self._hf_tokenizer.tokenizer)
-        if rows is not None and ids > rows:
-            raise ValueError(
-                f"tokenizer={self.tokenizer_path!r} has {ids} ids but {self.model_name}'s text tower has {rows} "
-                "token embeddings"
-            )
-        return self._hf_tokenizer
+        return size
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -261,11 +153,6 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
     def rgb_stem_conv(self) -> nn.Conv2d:
         return self.trunk.patch_embed.proj
 
-    @property
-    def logit_bias(self) -> torch.Tensor | None:
-        """SigLIP's learned bias of the sigmoid loss (``None`` for softmax-trained models)."""
-        return getattr(self.model, "logit_bias", None)
-
     # ------------------------------------------------------------------------------------------- forward
     def rotary_embedding(self, grid: tuple[int, int]) -> torch.Tensor | None:
         """The tower's rotary embedding for a token grid (``[h*w, 2*dim]``), rebuilt when the grid is not native."""
@@ -283,14 +170,14 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         n = x.shape[1] - self.num_prefix_tokens
         if n not in self._ropes:
             raise RuntimeError(
-                f"{self.model_name}: no rotary embedding for {n} patch tokens; run embed_tokens() on the image first"
+                f"{self.model_name}: no rotary embedding for {n} patch tokens; run input_tokens() on the image first"
             )
         return args, {**kwargs, "rope": self._ropes[n]}
 
-    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def input_tokens(self, image: torch.Tensor) -> torch.Tensor:
         trunk = self.trunk
         pe = trunk.patch_embed
-        x = self.add_alpha(pe.proj(image), alpha, image)  # [B, C, h, w]: the alpha branch joins right after proj
+        x = pe.proj(image)  # [B, C, h, w] (rgb_stem_conv: the alpha channel hooks it)
         grid = tuple(int(g) for g in x.shape[-2:])
         x = pe.norm(x.flatten(2).transpose(1, 2))
         prefix = [t.expand(x.shape[0], -1, -1) for t in (trunk.cls_token, trunk.reg_token) if t is not None]
@@ -351,7 +238,7 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         pooled, probs = attention_pool_forward(pool, self._pool_input(tokens))
         return self._after_pool(pooled), probs
 
-    def block_parts(self, block: nn.Module) -> BlockParts:
+    def block_parts(self, block: nn.Module) -> BlockParts | None:
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         plain = (
             type(block) is timm_vit.Block
@@ -365,11 +252,7 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
         if not plain:
             # EVA02's SwiGLU (fc2(norm(silu(w1 x) * w2 x))) and its attention's inner norm do not fit the
             # fc2(act(fc1(x))) formulas of the decomposed strategies; only timm's plain ViT block is described
-            raise NotImplementedError(
-                f"no gradient decomposition for {type(block).__name__} with {type(mlp).__name__} (the decomposed "
-                "strategies are written for timm's plain ViT Block, x + fc2(act(fc1(norm2(x))))); use "
-                "strategy='naive'"
-            )
+            return None
         return BlockParts(
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,
@@ -381,7 +264,3 @@ class OpenCLIPTimmBackbone(OpenCLIPModelMixin, AttentionPoolHead, Backbone):
             ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
             ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
         )
-
-    def extra_repr(self) -> str:
-        tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path is not None else ""
-        return super().extra_repr() + tok

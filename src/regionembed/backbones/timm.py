@@ -1,4 +1,4 @@
-"""timm vision transformers behind the :class:`~regionembed.backbones.base.Backbone` interface (image only)."""
+"""timm vision transformers as a :class:`~regionembed.backbones.base.TokenGridBackbone` (image only)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from collections.abc import Sequence
 import timm
 import torch
 from timm.layers import LayerScale
-from timm.layers.format import Format, nchw_to
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .attention import UnsupportedModelError, check_library_versions
-from .base import Backbone, BlockParts, PreprocessSpec
+from .base import BlockParts, PreprocessSpec, TokenGridBackbone
 from .weights import (
     hub_offline,
     looks_like_path,
@@ -24,7 +23,7 @@ from .weights import (
 )
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(TokenGridBackbone):
     """A timm ``VisionTransformer`` as a regionembed backbone.
 
     The embedding space is the model head's output (class logits, or features when ``num_classes=0``); there is no
@@ -116,18 +115,9 @@ class TimmBackbone(Backbone):
     def rgb_stem_conv(self) -> nn.Conv2d:
         return self.model.patch_embed.proj
 
-    def embed_tokens(self, image: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def input_tokens(self, image: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if alpha is None:
-            x = m.patch_embed(image)
-        else:  # timm's PatchEmbed is proj -> layout -> norm: the alpha branch joins right after proj
-            pe = m.patch_embed
-            x = self.add_alpha(pe.proj(image), alpha, image)
-            if pe.output_fmt != Format.NCHW:
-                x = nchw_to(x, pe.output_fmt)
-            elif pe.flatten:
-                x = x.flatten(2).transpose(1, 2)
-            x = pe.norm(x)
+        x = m.patch_embed(image)  # proj -> layout -> norm: the alpha channel joins right after proj (its hook)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         return m.norm_pre(x)
@@ -139,7 +129,7 @@ class TimmBackbone(Backbone):
         m = self.model
         return m.head(m.fc_norm(m.norm(pooled)))
 
-    def block_parts(self, block: nn.Module) -> BlockParts:
+    def block_parts(self, block: nn.Module) -> BlockParts | None:
         attn, mlp = block.attn, block.mlp
         plain = (
             isinstance(block, Block)
@@ -150,7 +140,7 @@ class TimmBackbone(Backbone):
             and hasattr(mlp, "fc1")
         )
         if not plain:
-            raise NotImplementedError(f"no gradient decomposition for this {type(block).__name__} variant")
+            return None
         return BlockParts(
             num_heads=attn.num_heads,
             head_dim=attn.head_dim,

@@ -58,16 +58,12 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
     """Time one inversion in this process; returns a JSON-able record."""
     import torch
 
-    from regionembed.backbones import OpenCLIPBackbone, OpenCLIPTimmBackbone
-    from regionembed.backbones.open_clip_timm import is_timm_tower
+    from regionembed.backbones import OpenCLIPBackbone
     from regionembed.inversion import MaskInversion
 
     torch.manual_seed(seed)
-    if is_timm_tower(model):  # SigLIP, EVA02, PE-Core: no text is encoded here, so no (hub) tokenizer
-        backbone = OpenCLIPTimmBackbone(model, image_size=size, tokenizer=False)
-    else:
-        backbone = OpenCLIPBackbone(model, image_size=size)
-    backbone = backbone.requires_grad_(False)
+    # no text is encoded here, so no tokenizer (SigLIP's would come from the hub)
+    backbone = OpenCLIPBackbone(model, image_size=size, tokenizer=False).requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(1, 3, size, size, generator=g)
     target = torch.zeros(masks, size, size)
@@ -75,11 +71,11 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
         h, w = torch.randint(size // 8, size // 2, (2,), generator=g).tolist()
         target[i, y : y + h, x : x + w] = 1
-    solver = MaskInversion(backbone, strategy=strategy, iterations=iterations)
-    MaskInversion(backbone, strategy=strategy, iterations=1)(image, target[:1])  # warm-up: allocator, kernels
+    solver = MaskInversion(strategy=strategy, iterations=iterations)
+    MaskInversion(strategy=strategy, iterations=1)(backbone, image, target[:1])  # warm-up: allocator, kernels
     with _PeakRSS() as rss:
         start = time.perf_counter()
-        result = solver(image, target)
+        result = solver(backbone, image, target)
         wall = time.perf_counter() - start
     return {
         "model": model,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
 from ..data import SyntheticWorld, WorldConfig
 from ..io import preprocess_image
 from ..text import encode_prompts
@@ -53,6 +53,7 @@ def probe_synthetic_clip(
         ``{"single_object_scenes", "test_regions", "templates": {template: {route: {accuracy, colour, shape}}}}``
         with routes ``model`` and ``mean_tokens``; ``test_regions`` counts the regions of the whole test split.
     """
+    require(backbone, TokenGridBackbone, "The pooling probe")
     world = SyntheticWorld(WorldConfig(), seed=world_seed)
     names = world.class_names
     regions = sum(len(world.scene(i).objects) for i in range(TEST_START, TEST_START + TEST_SIZE))

@@ -62,19 +62,18 @@ def run_model(key: str, cases: list[dict], seed: int = 0) -> list[dict]:
     """Run every case on one model in this process; returns JSON-able records."""
     import torch
 
-    from regionembed.backbones import OpenCLIPBackbone, OpenCLIPResNetBackbone
-    from regionembed.explainers.gradcam import is_convolutional, resolve_layer
+    from regionembed.backbones import FeatureMapBackbone, OpenCLIPBackbone
+    from regionembed.explainers.gradcam import resolve_layer
 
     name, pretrained, size = MODELS[key]
     torch.manual_seed(seed)
-    cls = OpenCLIPResNetBackbone if name.startswith("RN") else OpenCLIPBackbone
-    backbone = cls(name, pretrained=pretrained, image_size=size).requires_grad_(False)
+    backbone = OpenCLIPBackbone(name, pretrained=pretrained, image_size=size).requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     n = max(c["maps"] for c in cases)
     images = torch.randn(n, 3, size, size, generator=g)
     targets = torch.nn.functional.normalize(torch.randn(n, backbone.embed_dim, generator=g), dim=-1)
     with torch.no_grad():
-        feats = backbone.feature_maps(images[:1]) if is_convolutional(backbone) else None
+        feats = backbone.feature_maps(images[:1]) if isinstance(backbone, FeatureMapBackbone) else None
     channels_total = int(feats.shape[1]) if feats is not None else int(backbone.blocks[0].attn.embed_dim)
     records = []
     for case in cases:

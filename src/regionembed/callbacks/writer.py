@@ -220,6 +220,11 @@ class InversionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for result in prediction:
             if result.get("skipped"):
+                if result.get("reason") == "no region":
+                    log.warning("%s has no region (all empty after preprocessing): nothing written", result["image_id"])
+                    continue
+                if result.get("reason") == "repeat":  # written a moment ago from the same inputs
+                    continue
                 self.skipped += 1
                 log.info("%s is up to date in %s: skipped", result["image_id"], self.output_dir)
                 continue

@@ -1,7 +1,7 @@
 """LightningDataModules and datasets."""
 
 from .coco import CocoRegions
-from .collate import collate_regions_batch
+from .collate import RegionBatch, collate_regions_batch, image_views
 from .composed import (
     CirrDataModule,
     ComposedDataModule,
@@ -11,8 +11,8 @@ from .composed import (
     SyntheticComposedDataModule,
     collate_composed,
 )
-from .folder import ImageMaskDataset, RegionFolderDataModule, collate_regions, scan_folder
-from .modules import CocoRegionDataModule, RefCocoDataModule, RegionDataModule, VocBoxDataModule
+from .folder import ImageMaskDataset, RegionFolderDataModule, scan_folder
+from .modules import CocoRegionDataModule, RefCocoDataModule, RegionDataModule, VocBoxDataModule, require_preprocess
 from .refcoco import RefCocoExpressions
 from .synthetic import (
     SyntheticCaptions,
@@ -41,6 +41,7 @@ __all__ = [
     "ImageMaskDataset",
     "RefCocoDataModule",
     "RefCocoExpressions",
+    "RegionBatch",
     "RegionDataModule",
     "RegionFolderDataModule",
     "RegionTransform",
@@ -60,7 +61,8 @@ __all__ = [
     "WorldConfig",
     "build_transform",
     "collate_composed",
-    "collate_regions",
     "collate_regions_batch",
+    "image_views",
+    "require_preprocess",
     "scan_folder",
 ]

@@ -144,7 +144,7 @@ class CocoRegions(Dataset):
 
     Raw item: ``image`` uint8 ``[H, W, 3]``, ``masks`` uint8 ``[N, H, W]``, ``boxes`` float32 ``[N, 4]`` xyxy,
     ``labels`` int64 ``[N]``, ``texts`` (category names), ``image_id`` (str of the COCO id), ``ann_ids`` int64
-    ``[N]``, ``iscrowd`` int64 ``[N]``, ``file_name``.
+    ``[N]``, ``iscrowd`` int64 ``[N]``, ``file_name``, ``image_path``.
     """
 
     def __init__(
@@ -207,6 +207,7 @@ class CocoRegions(Dataset):
             "image_id": str(img_id),
             "iscrowd": np.array([int(a.get("iscrowd", 0)) for a in anns], np.int64),
             "file_name": str(info["file_name"]),
+            "image_path": str(path),
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:

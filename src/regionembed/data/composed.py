@@ -164,9 +164,10 @@ def collate_composed(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ComposedDataModule(RegionDataModule):
-    """Shared plumbing of the composed-retrieval DataModules (on :class:`RegionDataModule`: preprocessing from the
-    backbone, seeded resumable shuffling, evaluation without duplicate padding under DDP); subclasses return raw
-    composed datasets from :meth:`raw_dataset`. Every split uses the deterministic eval transform.
+    """Shared plumbing of the composed-retrieval DataModules (on :class:`RegionDataModule`: the backbone's
+    preprocessing passed in as ``preprocess``, seeded resumable shuffling, evaluation without duplicate padding under
+    DDP); subclasses return raw composed datasets from :meth:`raw_dataset`. Every split uses the deterministic eval
+    transform.
     """
 
     def raw_dataset(self, split: str) -> Dataset:

@@ -21,14 +21,18 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.ops import masks_to_boxes
 
 from ..backbones.base import PreprocessSpec
 from ..io import IMAGE_SUFFIXES, InputError, MissingInputError, load_image, load_mask, preprocess_image
 from ..outputs import fingerprint_inputs
+from .collate import collate_regions_batch
+from .modules import require_preprocess
 from .samplers import world
 
-__all__ = ["ImageMaskDataset", "RegionFolderDataModule", "ShareSampler", "collate_regions", "scan_folder"]
+__all__ = ["ImageMaskDataset", "RegionFolderDataModule", "ShareSampler", "scan_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +120,15 @@ class ShareSampler(DistributedSampler):
 
 
 class ImageMaskDataset(Dataset):
-    """Images with one or more region masks each.
+    """Images with one or more region masks each, as transformed samples (see :mod:`.transforms`).
 
-    Each item is a dict: ``image`` ``[3, S, S]`` (preprocessed), ``masks`` ``[N, H, W]`` float in [0, 1] at the
-    image's original resolution, ``mask_names`` (N strings), ``image_id``, ``image_path``, ``size`` ``(W, H)``,
-    ``inputs_sha256`` (of the image's and masks' file bytes and the mask names: what a re-run must match).
+    Each item: ``image`` ``[3, S, S]`` (:func:`~regionembed.io.preprocess_image`, the data modules' eval ``squash``
+    path), ``masks`` ``[N, S, S]`` (nearest resize of the masks, soft values kept), ``boxes`` ``[N, 4]`` (of the
+    resized masks, xyxy, exclusive; zeros for a region too small to survive the resize), ``labels`` ``[N]`` (``-1``:
+    no classes), ``texts`` and ``region_names`` (the mask file names, N strings), ``original_masks`` ``[N, H, W]``
+    float in [0, 1] at the image's own resolution (what MaskInversion fits), ``image_id``, ``image_path``,
+    ``orig_size`` ``(H, W)``, ``inputs_sha256`` (of the image's and masks' file bytes and the mask names: what a re-run
+    must match). :func:`~regionembed.data.collate.collate_regions_batch` batches them like every region dataset.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class ImageMaskDataset(Dataset):
             if not masks:
                 raise ValueError(f"image {img} has no masks")
         self.preprocess = preprocess
+        self.class_names: list[str] = []  # no classes: labels are -1
 
     def __len__(self) -> int:
         return len(self.items)
@@ -140,31 +149,44 @@ class ImageMaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_paths = self.items[index]
         image = load_image(image_path)
-        masks = [torch.from_numpy(load_mask(p, size=image.size)) for p in mask_paths]
+        masks = torch.stack([torch.from_numpy(load_mask(p, size=image.size)) for p in mask_paths])  # [N, H, W]
         names = [p.stem for p in mask_paths]
         if len(set(names)) != len(names):
             raise InputError(f"mask names of {image_path} are not unique: {names}")
         inputs = fingerprint_inputs(
             image_path.read_bytes(), [(n, p.read_bytes()) for n, p in zip(names, mask_paths, strict=True)]
         )
+        size = int(self.preprocess.size)
+        # nearest, as the joint transform resizes masks (cv2.INTER_NEAREST picks the same source pixels)
+        resized = F.interpolate(masks[:, None], size=(size, size), mode="nearest")[:, 0]
         return {
             "image": preprocess_image(image, self.preprocess),
-            "masks": torch.stack(masks),
-            "mask_names": names,
+            "masks": resized,
+            "boxes": _mask_boxes(resized),
+            "labels": torch.full((len(names),), -1, dtype=torch.long),
+            "texts": names,
+            "region_names": names,
+            "original_masks": masks,
             "image_id": image_path.stem,
             "image_path": str(image_path),
-            "size": image.size,
+            "orig_size": (image.height, image.width),
             "inputs_sha256": inputs,
         }
 
 
-def collate_regions(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep samples as a list: each image has its own number and size of masks."""
-    return list(batch)
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes ``[N, 4]`` (``x1``/``y1`` exclusive) of masks ``[N, S, S]``; zeros for an empty mask."""
+    boxes = torch.zeros(len(masks), 4)
+    present = masks.flatten(1).amax(1) > 0
+    if present.any():
+        boxes[present] = masks_to_boxes(masks[present] > 0).float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return boxes
 
 
 class RegionFolderDataModule(L.LightningDataModule):
     """Images and masks for ``infer.py test/predict``: a region folder, or one image with explicit mask files.
+
+    Batches are :class:`~regionembed.data.collate.RegionBatch` es, as every region data module's.
 
     Args:
         root: a region folder (see module docstring).
@@ -172,7 +194,8 @@ class RegionFolderDataModule(L.LightningDataModule):
         masks: the mask files of ``image``.
         batch_size: images per step (each image is inverted on its own; batching only groups loading).
         num_workers: DataLoader workers.
-        preprocess: the backbone's preprocessing; by default taken from the LightningModule's backbone.
+        preprocess: the backbone's preprocessing (``backbone.preprocess``); ``infer.py`` and ``train.py`` link it
+            from ``model.init_args.backbone``, so configs leave it out. Needed by :meth:`setup`.
     """
 
     def __init__(
@@ -194,12 +217,13 @@ class RegionFolderDataModule(L.LightningDataModule):
         self.preprocess = preprocess
         self.dataset: ImageMaskDataset | None = None
 
+    @property
+    def class_names(self) -> list[str]:
+        """No classes: region folders name their regions, they do not label them."""
+        return []
+
     def setup(self, stage: str | None = None) -> None:
-        if self.preprocess is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "backbone"):
-                raise RuntimeError("RegionFolderDataModule needs `preprocess` or a LightningModule with a backbone")
-            self.preprocess = module.backbone.preprocess
+        self.preprocess = require_preprocess(self)
         items = scan_folder(self.root) if self.root is not None else [(self.image, self.masks)]
         self.dataset = ImageMaskDataset(items, self.preprocess)
         ranks = self.trainer.world_size if self.trainer is not None else 1
@@ -226,7 +250,7 @@ class RegionFolderDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=ShareSampler(self.dataset, num_replicas=replicas, rank=rank),
             num_workers=self.num_workers,
-            collate_fn=collate_regions,
+            collate_fn=collate_regions_batch,
         )
 
     def test_dataloader(self) -> DataLoader:

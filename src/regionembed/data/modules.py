@@ -1,9 +1,10 @@
 """LightningDataModules over the on-disk formats: COCO instances, RefCOCO expressions, VOC/ImageNet XML boxes.
 
 All three share one recipe (:class:`RegionDataModule`): the joint transform is built from the backbone's
-:class:`~regionembed.backbones.base.PreprocessSpec` (given, or read in :meth:`~RegionDataModule.setup` from
-``trainer.lightning_module.backbone.preprocess``), batches are collated with
-:func:`~regionembed.data.collate.collate_regions_batch`, and training augmentation is seeded explicitly.
+:class:`~regionembed.backbones.base.PreprocessSpec`, passed in as ``preprocess`` (``infer.py`` and ``train.py`` link
+it from ``model.init_args.backbone``; library code passes ``backbone.preprocess``), batches are
+:class:`~regionembed.data.collate.RegionBatch` es (:func:`~regionembed.data.collate.collate_regions_batch`), and
+training augmentation is seeded explicitly.
 
 Seeding: the train transform is seeded with ``seed + global_rank``; in DataLoader workers it is reseeded from
 the worker's torch seed, which the loader draws from a ``torch.Generator`` seeded the same way. So augmentations
@@ -30,7 +31,7 @@ from .samplers import ResumableLoader, ResumableSampler
 from .transforms import Mode, RegionTransform, build_transform
 from .voc import VocBoxes, parse_voc_xml
 
-__all__ = ["CocoRegionDataModule", "RefCocoDataModule", "RegionDataModule", "VocBoxDataModule"]
+__all__ = ["CocoRegionDataModule", "RefCocoDataModule", "RegionDataModule", "VocBoxDataModule", "require_preprocess"]
 
 
 def _seed_worker_transform(worker_id: int) -> None:
@@ -43,6 +44,24 @@ def _seed_worker_transform(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None) if info is not None else None
     if isinstance(transform, RegionTransform):
         transform.set_seed(info.seed % 2**32)
+
+
+def require_preprocess(datamodule: L.LightningDataModule) -> PreprocessSpec:
+    """The data module's ``preprocess`` spec, or an error saying how to give it.
+
+    Data modules never look into the LightningModule for it: the CLIs link it from ``model.init_args.backbone``
+    (see :mod:`regionembed.cli`), library code passes ``preprocess=backbone.preprocess``.
+    """
+    spec = getattr(datamodule, "preprocess", None)
+    if spec is None:
+        raise ValueError(
+            f"{type(datamodule).__name__} has no `preprocess` spec: pass the backbone's "
+            f"({type(datamodule).__name__}(..., preprocess=backbone.preprocess)); infer.py and train.py set it from "
+            "model.init_args.backbone"
+        )
+    if not isinstance(spec, PreprocessSpec):
+        raise TypeError(f"{type(datamodule).__name__}.preprocess must be a PreprocessSpec, got {type(spec).__name__}")
+    return spec
 
 
 def _split_paths(owner: str, what: str, splits: dict[str, tuple[str | None, str | None]]) -> dict[str, tuple[str, str]]:
@@ -64,7 +83,8 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
     """Shared plumbing of the region DataModules; subclasses only say how to build a split's dataset.
 
     Args:
-        preprocess: the backbone's preprocessing; by default taken from the LightningModule's ``backbone``.
+        preprocess: the backbone's preprocessing (``backbone.preprocess``); the CLIs link it from
+            ``model.init_args.backbone``, so configs leave it out. Needed by :meth:`setup`.
         mode: eval resize, ``"squash"`` (MaskInversion) or ``"shortest_crop"`` (open_clip); see
             :func:`~regionembed.data.transforms.build_transform`.
         train_scale: ``RandomResizedCrop`` area range for training.
@@ -107,11 +127,8 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
+        self.preprocess = require_preprocess(self)
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.preprocess is None:
-            if module is None or not hasattr(module, "backbone"):
-                raise RuntimeError(f"{type(self).__name__} needs `preprocess` or a LightningModule with a backbone")
-            self.preprocess = module.backbone.preprocess
         # A module whose methods crop from the original pixels (e.g. ContextCropEmbedding) asks for them; the
         # evaluation samples then also carry `original` and `original_masks` (see RegionTransform).
         keep_original = bool(getattr(module, "needs_original_image", False))

@@ -104,7 +104,7 @@ class RefCocoExpressions(Dataset):
     Raw item: ``image`` uint8 ``[H, W, 3]``, ``masks`` uint8 ``[N, H, W]`` (candidates), ``boxes`` float32
     ``[N, 4]`` xyxy, ``labels`` int64 ``[N]``, ``texts`` (N category names), ``text`` (the sentence),
     ``target_index`` int, ``image_id`` str, ``ann_ids`` int64 ``[N]``, ``ref_id`` int, ``sent_id`` int (``-1``
-    when the file has none).
+    when the file has none), ``image_path`` str.
     """
 
     def __init__(
@@ -146,9 +146,8 @@ class RefCocoExpressions(Dataset):
         ref, sent_index = self.items[index]
         img_id = ref["image_id"]
         info = self.coco.imgs[img_id]
-        image = read_image_array(
-            self.root_images / info["file_name"], (info["height"], info["width"]), self.instances_file
-        )
+        path = self.root_images / info["file_name"]
+        image = read_image_array(path, (info["height"], info["width"]), self.instances_file)
         anns = sorted(self.coco.imgToAnns[img_id], key=lambda a: a["id"])
         masks = decode_masks(self.coco, img_id, anns, self.instances_file)
         sentence = ref["sentences"][sent_index]
@@ -160,6 +159,7 @@ class RefCocoExpressions(Dataset):
             "image_id": str(img_id),
             "ref_id": int(ref["ref_id"]),
             "sent_id": int(sentence.get("sent_id", -1)),
+            "image_path": str(path),
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -9,17 +9,20 @@ Every reader in :mod:`regionembed.data` returns a *raw sample* (numpy, before tr
 * ``labels``: int64 ``[N]`` contiguous class indices.
 * ``texts``: ``N`` strings, per region (a class name, or a referring expression).
 * ``image_id``: str.
-* optional per-region keys (:data:`REGION_KEYS`, e.g. ``ann_ids``), an optional ``alpha`` map float ``[H, W]`` in
+* optional per-region keys (:data:`REGION_KEYS`, e.g. ``ann_ids``; :data:`REGION_STR_KEYS`, e.g. ``region_names``,
+  names unique within the image that outputs are filed under), an optional ``alpha`` map float ``[H, W]`` in
   [0, 1] (or uint8 0..255), and any per-image keys (``text``, ``target_index``, ...), passed through.
 
 :func:`build_transform` returns a :class:`RegionTransform` that moves all of them with a single
 ``albumentations.Compose`` (image, ``masks=``, ``bboxes=``, ``additional_targets={"alpha": "mask"}``), so the
-geometry is identical for every target, and returns a *transformed sample*:
+geometry is identical for every target, and returns a *transformed sample* (batched by
+:func:`~regionembed.data.collate.collate_regions_batch` into a :class:`~regionembed.data.collate.RegionBatch`):
 
 * ``image``: float32 tensor ``[3, S, S]``, normalised with the backbone's mean and std.
 * ``masks``: float32 tensor ``[N', S, S]`` with values 0/1 (nearest interpolation), same geometry as the image.
 * ``boxes``: float32 tensor ``[N', 4]`` xyxy in the transformed pixel frame.
-* ``labels``: int64 tensor ``[N']``; ``texts``: ``N'`` strings; per-region extras as int64 tensors ``[N']``.
+* ``labels``: int64 tensor ``[N']``; ``texts``: ``N'`` strings; per-region extras as int64 tensors ``[N']`` (string
+  extras as lists of ``N'`` strings).
 * ``alpha`` (when given): float32 tensor ``[1, S, S]``, normalised with mean 0.5 and std 0.26 (Alpha-CLIP).
 * ``orig_size``: ``(H, W)`` of the raw image; ``target_index`` re-indexed (``-1`` when its region was dropped).
 
@@ -34,6 +37,7 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -45,11 +49,21 @@ import torch
 from ..backbones.alpha import ALPHA_MEAN, ALPHA_STD
 from ..backbones.base import PreprocessSpec
 
-__all__ = ["ALPHA_MEAN", "ALPHA_STD", "REGION_KEYS", "RegionTransform", "build_transform"]
+__all__ = [
+    "ALPHA_MEAN",
+    "ALPHA_STD",
+    "REGION_KEYS",
+    "RegionTransform",
+    "build_transform",
+    "cv2_interpolation",
+    "preprocess_array",
+]
 
 
 #: Optional per-region keys (length ``N``) that are filtered together with the masks when regions are dropped.
 REGION_KEYS = ("ann_ids", "iscrowd", "difficult")
+#: Optional per-region string keys (``N`` strings), filtered like ``texts``.
+REGION_STR_KEYS = ("region_names",)
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -65,11 +79,61 @@ Mode = Literal["squash", "shortest_crop"]
 
 
 def cv2_interpolation(name: str) -> int:
-    """Map a :class:`PreprocessSpec` interpolation name (``"bicubic"``, ...) to its OpenCV flag."""
+    """Map a :class:`PreprocessSpec` interpolation name (``"bicubic"``, ...) to its OpenCV flag.
+
+    Raises:
+        ValueError: an unknown name; the message names the setting (``PreprocessSpec.interpolation``).
+    """
     try:
-        return _INTERPOLATION[name.lower()]
+        return _INTERPOLATION[str(name).lower()]
     except KeyError:
-        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_INTERPOLATION)}") from None
+        raise ValueError(
+            f"unknown interpolation {name!r} in the preprocessing spec (PreprocessSpec.interpolation, from the "
+            f"backbone's preprocess config); expected one of {sorted(_INTERPOLATION)}"
+        ) from None
+
+
+def _resize_kwargs(spec: PreprocessSpec, antialias: bool) -> dict[str, Any]:
+    """The interpolation arguments of every resize step: the one place that reads ``spec.interpolation``."""
+    return {
+        "interpolation": cv2_interpolation(spec.interpolation),
+        "mask_interpolation": cv2.INTER_NEAREST,
+        "area_for_downscale": "image" if antialias else None,
+    }
+
+
+def _normalize(spec: PreprocessSpec) -> A.Normalize:
+    return A.Normalize(mean=tuple(spec.mean), std=tuple(spec.std), max_pixel_value=255.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _image_compose(spec: PreprocessSpec, antialias: bool) -> A.Compose:
+    size = int(spec.size)
+    return A.Compose([A.Resize(size, size, **_resize_kwargs(spec, antialias)), _normalize(spec)])
+
+
+def preprocess_array(image: np.ndarray, spec: PreprocessSpec, antialias: bool = True) -> torch.Tensor:
+    """An image alone through the eval ``"squash"`` path of :func:`build_transform`: the same tensor, bit for bit.
+
+    This is the one image preprocessing of regionembed: :func:`regionembed.io.preprocess_image` (single images,
+    the region folder) calls it, and :func:`build_transform` builds its steps from the same pieces.
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        spec: the backbone's :class:`PreprocessSpec`.
+        antialias: see :func:`build_transform`.
+
+    Returns:
+        float32 ``[3, S, S]``, normalised with the spec's mean and std.
+
+    Raises:
+        ValueError: not a uint8 ``[H, W, 3]`` array, or an unknown ``spec.interpolation``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}")
+    out = _image_compose(spec, antialias)(image=image)["image"]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float()
 
 
 class RegionTransform:
@@ -137,6 +201,11 @@ class RegionTransform:
         keep = [i for i in range(n) if i in box_of and out_masks[i].any()]
 
         result = {k: v for k, v in sample.items() if k not in ("image", "masks", "boxes", "labels", "texts", "alpha")}
+        for key in REGION_STR_KEYS:
+            if key in sample:
+                if len(sample[key]) != n:
+                    raise ValueError(f"per-region key {key!r} has {len(sample[key])} values for {n} regions")
+                result[key] = [str(sample[key][i]) for i in keep]
         result["image"] = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float()
         result["masks"] = torch.from_numpy(out_masks[keep].astype(np.float32)).reshape(-1, self.size, self.size)
         result["boxes"] = torch.tensor(np.array([box_of[i] for i in keep], np.float32).reshape(-1, 4))
@@ -213,11 +282,7 @@ def build_transform(
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     size = int(spec.size)
-    resize_kwargs: dict[str, Any] = {
-        "interpolation": cv2_interpolation(spec.interpolation),
-        "mask_interpolation": cv2.INTER_NEAREST,
-        "area_for_downscale": "image" if antialias else None,
-    }
+    resize_kwargs = _resize_kwargs(spec, antialias)
     steps: list[A.BasicTransform]
     if train:
         steps = [A.RandomResizedCrop(size=(size, size), scale=(lo, hi), **resize_kwargs)]
@@ -227,7 +292,7 @@ def build_transform(
         steps = [A.Resize(size, size, **resize_kwargs)]
     else:
         steps = [A.SmallestMaxSize(max_size=size, **resize_kwargs), A.CenterCrop(size, size)]
-    steps.append(A.Normalize(mean=tuple(spec.mean), std=tuple(spec.std), max_pixel_value=255.0))
+    steps.append(_normalize(spec))
     compose = A.Compose(
         steps,
         bbox_params=A.BboxParams(

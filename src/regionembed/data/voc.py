@@ -129,7 +129,8 @@ class VocBoxes(Dataset):
 
     Images without a (kept) object are skipped. Raw item: ``image`` uint8 ``[H, W, 3]``, ``masks`` uint8
     ``[N, H, W]``, ``boxes`` float32 ``[N, 4]`` xyxy, ``labels`` int64 ``[N]``, ``texts`` (class names),
-    ``image_id`` (the XML file stem), ``difficult`` int64 ``[N]``, ``file_name``.
+    ``image_id`` (the XML file stem), ``difficult`` int64 ``[N]``, ``file_name``,
+    ``image_path`` (the file found).
     """
 
     def __init__(
@@ -209,6 +210,7 @@ class VocBoxes(Dataset):
             "image_id": record.xml_path.stem,
             "difficult": np.array([o.difficult for o in record.objects], np.int64),
             "file_name": record.filename,
+            "image_path": str(path),
         }
 
     def __getitem__(self, index: int) -> dict[str, Any]:

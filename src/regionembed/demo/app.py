@@ -20,7 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import gradio as gr
 import pandas as pd
 
-from .. import zoo
+from .. import inversion, zoo
 from ..data.synthetic import SyntheticWorld, WorldConfig
 from ..io import load_image, save_png
 from . import core
@@ -34,7 +34,7 @@ SYNTHETIC = f"Synthetic CLIP (project-trained, {zoo.MODELS['clip_synthetic'].mod
 TINY = "Tiny random model (re-tiny-vit, for smoke tests)"
 OPEN_CLIP = "open_clip model + local weights file or hub tag"
 MODEL_KINDS = (SYNTHETIC, TINY, OPEN_CLIP)
-STRATEGIES = ("auto", "precomputed", "per_step", "naive", "naive_lean")
+STRATEGIES = ("auto", *inversion.STRATEGIES)
 INTRO = """# regionembed: what does this region mean?
 Give an image and regions (paint one **layer per region** with the brush, upload mask PNGs, or type boxes), type
 prompts, and press **Run**. MaskInversion optimises one embedding per region so that its LeGrad map matches the
@@ -273,10 +273,19 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                     elem_id="methods",
                 )
                 with gr.Accordion("MaskInversion settings", open=False), gr.Row():
-                    iterations = gr.Slider(0, 100, value=10, step=1, label="iterations", elem_id="iterations")
-                    lr = gr.Number(value=0.5, label="learning rate", elem_id="lr")
-                    strategy = gr.Dropdown(list(STRATEGIES), value="auto", label="strategy", elem_id="strategy")
-                    layers = gr.Textbox(value="-1", label="LeGrad layers (comma-separated)", elem_id="layers")
+                    default = core.RunSettings()
+                    iterations = gr.Slider(
+                        0, 100, value=default.iterations, step=1, label="iterations", elem_id="iterations"
+                    )
+                    lr = gr.Number(value=default.lr, label="learning rate", elem_id="lr")
+                    strategy = gr.Dropdown(
+                        list(STRATEGIES), value=default.strategy, label="strategy", elem_id="strategy"
+                    )
+                    layers = gr.Textbox(
+                        value=", ".join(map(str, default.layers)),
+                        label="LeGrad layers (comma-separated)",
+                        elem_id="layers",
+                    )
                 run = gr.Button("Run", variant="primary", elem_id="run")
             with gr.Column(scale=6):
                 status = gr.Markdown("Load an image or press **New synthetic scene**.", elem_id="status")
@@ -304,7 +313,7 @@ def build_app(state: DemoState, default_model: str = SYNTHETIC) -> gr.Blocks:
                 )
                 downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
                 command = gr.Code(
-                    label="Equivalent command (from the repository root)",
+                    label="Equivalent command (any directory, regionembed installed)",
                     language="shell",
                     wrap_lines=True,
                     elem_id="command",

@@ -34,6 +34,7 @@ from ..callbacks.writer import write_inversion
 from ..data.folder import ImageMaskDataset
 from ..explainers import GradCAM, LeGrad, ScoreCAM, VLScore
 from ..explainers.base import Explainer
+from ..inversion import MaskInversion
 from ..io import atomic_write, load_image, mask_from_pil, save_png
 from ..modules.mask_inversion import MaskInversionModule
 from ..regions import (
@@ -62,8 +63,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-INFER_CONFIG = "configs/infer/maskinversion.yaml"
-TINY_CONFIG = "configs/backbone/tiny.yaml"
+#: the shipped backbone fragment of a random tiny model (``regionembed.config_files``)
+TINY_BACKBONE = "regionembed:backbone/tiny.yaml"
 
 #: explainers offered for the text-conditioned maps (name -> factory)
 EXPLAINERS: dict[str, Callable[[Sequence[int]], object]] = {
@@ -117,7 +118,7 @@ class ModelSpec:
         if self.random:
             # jsonargparse reads `pretrained=null` on the command line as the string "None"; the tiny fragment's
             # YAML `pretrained: null` is a real None
-            out = ["--config", TINY_CONFIG, f"{key}.model_name={self.model_name}"]
+            out = [f"--model.init_args.backbone={TINY_BACKBONE}", f"{key}.model_name={self.model_name}"]
         else:
             out = [f"{key}.model_name={self.model_name}", f"{key}.pretrained={self.pretrained}"]
         if self.alpha_checkpoint:
@@ -286,16 +287,21 @@ def write_inputs(
 
 
 # ------------------------------------------------------------------------------------------------ a run
+#: the solver's defaults (the official settings), which the demo's controls start from
+OFFICIAL = MaskInversion()
+
+
 @dataclass
 class RunSettings:
-    """The knobs of one run (MaskInversion's are ``MaskInversionModule``'s; defaults: the official ones)."""
+    """The knobs of one run (MaskInversion's build a :class:`~regionembed.inversion.MaskInversion` with LeGrad on
+    ``layers``; defaults: the official ones)."""
 
     prompts: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["{}"])
-    iterations: int = 10
-    lr: float = 0.5
-    strategy: str = "auto"
-    layers: list[int] = field(default_factory=lambda: [-1])
+    iterations: int = OFFICIAL.iterations
+    lr: float = OFFICIAL.lr
+    strategy: str = OFFICIAL.strategy
+    layers: list[int] = field(default_factory=lambda: list(OFFICIAL.explainer.layers))
     explainer: str | None = "LeGrad"
     methods: list[str] = field(default_factory=lambda: ["global", "crop", "masked_crop_grey", "mask_inversion"])
 
@@ -400,14 +406,14 @@ def compare_methods(
     size = tensor.shape[-1]
     masks_s = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", antialias=True)[:, 0]
     masks_s = masks_s.clamp(0, 1).to(text.device)
-    scale = backbone.logit_scale.exp() if hasattr(backbone, "logit_scale") else 100.0
+    scale = backbone.logit_scale.exp() if backbone.logit_scale is not None else 100.0
     image = tensor.to(text.device)
     rows = []
     embeddings = {}
     for method in methods:
         if method == "mask_inversion":
             embeddings[method] = inversion.to(text.device)
-        elif method.startswith("alpha_") and getattr(backbone, "alpha_embed", None) is None:
+        elif method.startswith("alpha_") and backbone.alpha_embed is None:
             continue  # the model has no alpha channel
         else:
             embeddings[method] = METHODS[method]()(backbone, image, masks_s)
@@ -437,20 +443,19 @@ def command_line(
     output: Path,
     device: str | torch.device = "cpu",
 ) -> str:
-    """The ``infer.py single`` command that reproduces a run's embeddings (run from the repository root)."""
-    args = ["python", "infer.py", "single", str(image_path), *map(str, mask_paths)]
+    """The ``regionembed-infer single`` command that reproduces a run's embeddings (``python infer.py single`` in a
+    checkout is the same command)."""
+    args = ["regionembed-infer", "single", str(image_path), *map(str, mask_paths)]
     if settings.prompts:
         args += ["--prompts", *settings.prompts]
     args += [
         "--output",
         str(output),
-        "--config",
-        INFER_CONFIG,
         *spec.cli_overrides(),
-        f"--model.init_args.iterations={settings.iterations}",
-        f"--model.init_args.lr={settings.lr}",
-        f"--model.init_args.strategy={settings.strategy}",
-        f"--model.init_args.layers={list(settings.layers)}",
+        f"--model.init_args.solver.init_args.iterations={settings.iterations}",
+        f"--model.init_args.solver.init_args.lr={settings.lr}",
+        f"--model.init_args.solver.init_args.strategy={settings.strategy}",
+        f"--model.init_args.solver.init_args.explainer.init_args.layers={list(settings.layers)}",
         f"--trainer.accelerator={'cpu' if torch.device(device).type == 'cpu' else 'gpu'}",
     ]
     if settings.prompts:
@@ -492,17 +497,14 @@ def run(
         raise ValueError(f"every template needs a '{{}}' placeholder, got {settings.templates}")
     image_path, mask_paths = write_inputs(run_dir, image, brush_layers, mask_files, boxes)
     sample = ImageMaskDataset([(image_path, mask_paths)], backbone.preprocess)[0]  # the CLI's reader and errors
+    solver = MaskInversion(
+        LeGrad(settings.layers), lr=settings.lr, iterations=settings.iterations, strategy=settings.strategy
+    )
     module = MaskInversionModule(
-        backbone,
-        layers=list(settings.layers),
-        lr=settings.lr,
-        iterations=settings.iterations,
-        strategy=settings.strategy,
-        prompts=settings.prompts or None,
-        prompt_templates=settings.templates,
+        backbone, solver, prompts=settings.prompts or None, prompt_templates=settings.templates
     ).to(device)
     n = sample["masks"].shape[0]
-    strategy = module.solver.plan(sample["image"].shape[-1], n)
+    strategy = module.solver.plan(backbone, sample["image"].shape[-1], n)
     if progress is not None:
         progress(0, settings.iterations, f"MaskInversion: {n} regions, strategy {strategy}")
     with optimizer_steps(lambda step: progress and progress(step, settings.iterations, f"strategy {strategy}")):
@@ -536,7 +538,7 @@ def run(
             table = compare_methods(
                 backbone,
                 sample["image"],
-                sample["masks"],
+                sample["original_masks"],  # full resolution: compare_methods resizes them as soft masks
                 names,
                 text,
                 settings.prompts,

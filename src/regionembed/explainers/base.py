@@ -79,3 +79,8 @@ class Explainer(abc.ABC):
     @abc.abstractmethod
     def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
         """Compute maps ``[B, H, W]`` for validated inputs of equal batch size."""
+
+    def __repr__(self) -> str:
+        # the settings, not an address: reprs name explainers in error messages and MaskInversion's repr
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

@@ -30,17 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, TokenGridBackbone, require
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["GradAttention", "Pooling", "grad_attention_maps"]
 
 Pooling = Literal["legrad", "gradcam"]
-
-INFERENCE_MODE_MESSAGE = (
-    "gradient attention cannot run under torch.inference_mode(); with Lightning set `trainer.inference_mode: false` "
-    "(the shipped gradattn configs do)"
-)
 
 
 def grad_attention_maps(
@@ -70,8 +66,8 @@ def grad_attention_maps(
     Returns:
         ``(maps [B, H, W] in [0, 1], embeddings [B, D])``.
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(INFERENCE_MODE_MESSAGE)
+    require(backbone, TokenGridBackbone, "Gradient attention")
+    require_grad_mode("gradient attention")
     if pooling not in ("legrad", "gradcam"):
         raise ValueError(f"unknown pooling {pooling!r}; choose 'legrad' or 'gradcam'")
     (index,) = backbone.layer_indices([layer])

@@ -2,7 +2,7 @@
 
 Also home of :func:`layer_activations`, the one place where the CAM explainers (Grad-CAM, Score-CAM, VL-Score) read a
 layer's activations as a feature map ``[B, C, h, w]``: the patch tokens of a ViT block (prefix tokens dropped) or a
-ResNet stage (backbones with ``feature_maps``/``pool_features``, e.g.
+stage of a :class:`~regionembed.backbones.base.FeatureMapBackbone` (e.g.
 :class:`~regionembed.backbones.resnet.OpenCLIPResNetBackbone`).
 """
 
@@ -14,15 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone
+from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require, uses_attention_pool
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max
 
-__all__ = ["GradCAM", "LayerActivations", "is_convolutional", "layer_activations"]
-
-
-def is_convolutional(backbone: Backbone) -> bool:
-    """Whether ``backbone`` exposes convolutional feature maps (``feature_maps`` and ``pool_features``)."""
-    return callable(getattr(backbone, "feature_maps", None)) and callable(getattr(backbone, "pool_features", None))
+__all__ = ["GradCAM", "LayerActivations", "layer_activations", "resolve_layer"]
 
 
 def resolve_layer(backbone: Backbone, layer: int | str | None) -> int | str:
@@ -32,8 +28,10 @@ def resolve_layer(backbone: Backbone, layer: int | str | None) -> int | str:
     block (pytorch-grad-cam's ``blocks[-1].norm1`` recipe). Not the last block: a [CLS]-pooled ViT's output patch
     tokens do not reach the embedding at all, so their gradients (and Grad-CAM maps) are zero.
     """
-    if is_convolutional(backbone):
-        return backbone.stage_name("layer4" if layer is None else layer)
+    if isinstance(backbone, FeatureMapBackbone):
+        return backbone.stage_name(-1 if layer is None else layer)
+    # a CAM reads feature maps or block tokens: a backbone with neither capability is refused here
+    require(backbone, TokenGridBackbone, "Grad-CAM/Score-CAM/VL-Score (without feature maps)")
     if layer is None:
         layer = -2 if len(backbone.blocks) > 1 else -1
     if isinstance(layer, str):
@@ -93,7 +91,8 @@ def layer_activations(
             gradients are taken with ``create_graph``; attention after ``layer`` then runs with an explicit softmax).
     """
     layer = resolve_layer(backbone, layer)
-    if is_convolutional(backbone):
+    convolutional = isinstance(backbone, FeatureMapBackbone)
+    if convolutional:
         source = backbone.feature_maps(image, layer)
         prefix, grid = 0, tuple(source.shape[-2:])
     else:
@@ -103,7 +102,7 @@ def layer_activations(
         source.requires_grad_(True)
     embedding = None
     if with_embedding:
-        if is_convolutional(backbone):
+        if convolutional:
             embedding = backbone.pool_features(source, layer, explicit_attention=twice_differentiable)
         else:
             blocks = list(backbone.blocks)
@@ -114,7 +113,10 @@ def layer_activations(
                 x = source
                 for blk in blocks[layer + 1 :]:
                     x = blk(x)
-            embedding = backbone.pool_tokens(x)
+            if twice_differentiable and uses_attention_pool(backbone):
+                embedding = backbone.attention_pool_embed(x)[0]  # the pool's explicit attention, same outputs
+            else:
+                embedding = backbone.pool_tokens(x)
     return LayerActivations(source=source, embedding=embedding, prefix=prefix, grid=grid)
 
 
@@ -134,14 +136,15 @@ class GradCAM(Explainer):
     Batched (every item has its own target) and differentiable: with ``create_graph`` the maps stay on the autograd
     graph with respect to the targets (and the image/model when they require grad), so Grad-CAM can drive
     MaskInversion through the solver's generic autograd path. Use ``normalize=False`` there:
-    ``MaskInversion(backbone, explainer=GradCAM(normalize=False))``. MaskInversion starts from the image's own
+    ``MaskInversion(explainer=GradCAM(normalize=False))``. MaskInversion starts from the image's own
     embedding, where the gradient of the cosine ``<e, f/|f|>`` vanishes (``e`` is parallel to ``f``): the first map
     is rounding noise, its huge min-max-amplified gradient fills Adam's second moment and the following steps barely
     move (observed on re-small-vit: the loss stalls after one step; with ``normalize=False`` it keeps falling).
 
     Args:
         layer: ViT block index or ResNet stage (name or index); ``None`` (default) = the penultimate ViT block (the
-            last block's output patch tokens do not reach a [CLS]-pooled embedding: zero gradients) or ``layer4``.
+            last block's output patch tokens do not reach a [CLS]-pooled embedding: zero gradients) or the last
+            stage (``layer4``).
         normalize: score against the normalised image embedding (the cosine, default) or the raw one ``<e, f>``.
         eps: floor of the min-max range (a constant map becomes zeros instead of NaN).
     """
@@ -160,10 +163,7 @@ class GradCAM(Explainer):
         create_graph: keep the maps on the autograd graph; default: when ``targets`` or ``image`` require grad
             and grad mode is on.
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "Grad-CAM cannot run under torch.inference_mode(); with Lightning set `trainer.inference_mode: false`"
-            )
+        require_grad_mode("Grad-CAM")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         with torch.enable_grad():

@@ -1,4 +1,17 @@
-"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities."""
+"""LeGrad (Bousselham et al., 2024): gradients of a per-layer score with respect to attention probabilities.
+
+Two recipes, as the official implementation has them:
+
+* a [CLS]- or mean-pooled ViT: for each explained block ``l``, the score ``<e, normalize(head(mean tokens of
+  block l))>`` is differentiated with respect to block ``l``'s own self-attention probabilities;
+* a model with an attention-pool head (:class:`~regionembed.backbones.base.AttentionPoolHead`: CoCa, SigLIP's "map",
+  PE), the official recipe for SigLIP/CoCa: for each explained block ``l``, the *pool* (with its norm and
+  projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
+  differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
+  and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
+  upsampled bilinearly by the patch size (the official code's order). The official code's optional "empty text"
+  correction (``apply_correction``, off by default there) is not applied.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone, uses_attention_pool
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
+from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
@@ -19,11 +33,8 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
 
     Returns the (already exited) recorder holding the records of ``layers``.
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "gradient-based explainers cannot run under torch.inference_mode(); with Lightning set "
-            "`trainer.inference_mode: false` (the shipped configs do)"
-        )
+    require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
+    require_grad_mode("LeGrad")
     with torch.enable_grad(), AttentionRecorder(backbone.blocks, layers) as rec:
         backbone.forward_blocks(backbone.embed_tokens(image), stop=max(rec.layers) + 1)
     return rec
@@ -47,16 +58,9 @@ class LeGrad(Explainer):
     For each chosen block ``l``: ``s = <e, normalize(head(mean_tokens(block_l output)))>``; the gradient of ``s`` with
     respect to block ``l``'s post-softmax attention ``[B, H, T, T]``; ReLU; mean over heads and query rows; drop the
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
-    are summed and min-max normalised per map.
-
-    On a backbone with an attention-pool head (SigLIP, SigLIP2, PE-Core, CoCa:
-    :class:`~regionembed.backbones.base.AttentionPoolHead`), as the official LeGrad for SigLIP: for each chosen block
-    ``l``, the pool (and the projection after it) is applied to block ``l``'s raw output,
-    ``(f, P) = attention_pool_embed(block_l output)`` with ``P`` the pool's attention ``[B, H, Q, T]``;
-    ``s = <e, normalize(f)>``; the gradient of ``s`` with respect to ``P``; ReLU; mean over heads and latent queries;
-    prefix key columns dropped. The layers' relevances are summed, min-max normalised on the token grid, then
-    upsampled bilinearly by the patch size. (The official code's optional "empty text" correction, which needs the
-    hub tokenizer, is not applied; it is off in the official code with ``apply_correction=False``.)
+    are summed and min-max normalised per map. On a backbone with an attention-pool head (``pooling="mean"``) the
+    score goes through the pool and the gradient is taken with respect to the pool's attention (the official
+    SigLIP/CoCa recipe, see the module docstring).
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -91,6 +95,7 @@ class LeGrad(Explainer):
             and grad mode is on.
         recorder: reuse a recorded forward (``record_layers``) of ``image``, e.g. across optimisation steps.
         """
+        require(backbone, TokenGridBackbone, "LeGrad", alternative="GradCAM, ScoreCAM or VLScore")
         if create_graph is None:
             create_graph = torch.is_grad_enabled() and (targets.requires_grad or image.requires_grad)
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
@@ -110,7 +115,7 @@ class LeGrad(Explainer):
         return min_max(total, self.eps)
 
     def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
-        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the class docstring."""
+        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the module docstring."""
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):

@@ -1,4 +1,4 @@
-"""MaskInversion as an explainer of region masks: the final LeGrad maps of the optimised tokens.
+"""MaskInversion as an explainer of region masks: the final maps of the optimised tokens.
 
 Unlike the text-driven explainers it explains a *mask*, not a target embedding: ``maps(backbone, image [1, 3, S, S],
 masks [N, S, S]) -> [N, S, S]``. The localization evaluation (:class:`~regionembed.modules.LocalizationModule`)
@@ -10,22 +10,19 @@ from __future__ import annotations
 import torch
 
 from ..backbones.base import Backbone
-from ..inversion import MaskInversion
 from ..regions import MaskInversionEmbedding
 
 __all__ = ["MaskInversionMaps"]
 
 
 class MaskInversionMaps(MaskInversionEmbedding):
-    """MaskInversion's final explainability maps of each region's optimised token.
+    """MaskInversion's final explainability maps of each region's optimised token (the solver's ``maps``).
 
     ``maps(backbone, image [1, 3, S, S], masks [N, S, S]) -> [N, S, S]``; ``name`` is ``"mask_inversion"``.
 
-    Args: those of :class:`~regionembed.regions.MaskInversionEmbedding` (the solver's, official defaults).
+    Args: those of :class:`~regionembed.regions.MaskInversionEmbedding`: ``solver`` (a
+        :class:`~regionembed.inversion.MaskInversion`, default the official settings) and ``name``.
     """
 
     def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return MaskInversion(backbone, explainer=self.explainer, **self.config)(image, masks).maps
-
-    def __repr__(self) -> str:
-        return f"MaskInversionMaps({self.config})"
+        return self.solver(backbone, image, masks).maps

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone, uses_attention_pool
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from .base import Explainer, min_max, relevance_to_map
 
 __all__ = ["AttentionRollout"]
@@ -27,6 +26,10 @@ class AttentionRollout(Explainer):
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).
 
+    On a model whose embedding comes from an attention-pool head (:func:`~regionembed.backbones.uses_attention_pool`:
+    SigLIP, which has no [CLS] token, CoCa) the [CLS] row is not what the embedding reads: the pool's attention over
+    the last block's tokens (mean over heads and queries) is the last step of the product and its row is the map.
+
     Args:
         start_layer: first block included (0: all blocks; some works skip the first few).
         residual: weight ``r`` of the identity (0.5 as in the paper).
@@ -44,7 +47,8 @@ class AttentionRollout(Explainer):
 
     @torch.no_grad()
     def explain(self, backbone: Backbone, image: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = len(backbone.blocks)  # a ResNet backbone raises NotImplementedError here, naming the alternatives
+        require(backbone, TokenGridBackbone, "Attention rollout", alternative="GradCAM, ScoreCAM or VLScore")
+        n = len(backbone.blocks)
         start = backbone.layer_indices([self.start_layer])[0]
         layers = list(range(start, n))
         # the target is ignored: compute the rollout once per distinct image (a broadcast image counts once)
@@ -59,10 +63,8 @@ class AttentionRollout(Explainer):
             mixed = (1 - self.residual) * probs + self.residual * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
-        if uses_attention_pool(backbone):  # the pool's queries (mean over heads and queries) read the last tokens
-            pool_row = backbone.attention_pool_embed(tokens)[1].mean(dim=(1, 2))  # [G, T] or [G, h*w]
-            pool_row = F.pad(pool_row, (rollout.shape[-1] - pool_row.shape[-1], 0))  # a prefix it skips: weight 0
-            relevance = (pool_row.unsqueeze(1) @ rollout)[:, 0, backbone.num_prefix_tokens :]
+        if uses_attention_pool(backbone):
+            relevance = _pool_row(backbone, tokens, rollout)
         else:
             relevance = rollout[:, 0, backbone.num_prefix_tokens :]  # [G, h*w]: the [CLS] row, patch columns
         grid = backbone.grid_size(tuple(image.shape[-2:]))
@@ -71,3 +73,13 @@ class AttentionRollout(Explainer):
 
     def __repr__(self) -> str:
         return f"AttentionRollout(start_layer={self.start_layer}, residual={self.residual})"
+
+
+def _pool_row(backbone: Backbone, tokens: torch.Tensor, rollout: torch.Tensor) -> torch.Tensor:
+    """The attention-pool head's row of the rollout: its attention over the tokens it reads ``[G, T']`` (mean over
+    heads and queries; no residual, the pool has none around its attention) times those tokens' rows of the rollout
+    ``[G, T, T]``; the patch columns (the last ``h*w``) ``[G, h*w]``."""
+    _, probs = backbone.attention_pool_embed(tokens)  # [G, H, Q, T']: T' = T, or the patch tokens only
+    row = probs.mean(dim=(1, 2)).unsqueeze(1)  # [G, 1, T']
+    patches = tokens.shape[1] - backbone.num_prefix_tokens
+    return (row @ rollout[:, -row.shape[-1] :])[:, 0, -patches:]

@@ -1,25 +1,35 @@
 """MaskInversion (Bousselham et al., 2024): localized embedding tokens by optimising explainability maps.
 
 Given one image and N region masks, each localized embedding token (LET) starts from the image embedding and is
-optimised with AdamW so that its LeGrad map matches its mask (soft Dice), optionally regularised towards the image
-embedding. The model stays frozen; only the N tokens are optimised, together, in one batch.
+optimised with AdamW so that its explainability map (LeGrad's, as the paper; any differentiable explainer can be
+chosen) matches its mask (soft Dice), optionally regularised towards the image embedding. The model stays frozen;
+only the N tokens are optimised, together, in one batch.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import Backbone, uses_attention_pool
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer
 from ..explainers.legrad import LeGrad
+from ..grad_mode import require_grad_mode
 from ..losses import dice_loss
-from .strategies import STRATEGIES, ExplainerStrategy, MapStrategy, estimate_costs
+from .strategies import (
+    LEGRAD_ALTERNATIVE,
+    STRATEGIES,
+    ExplainerStrategy,
+    MapStrategy,
+    decomposition_issue,
+    estimate_costs,
+)
 
-__all__ = ["InversionResult", "MaskInversion", "MaskInversionConfig", "check_masks"]
+__all__ = ["InversionResult", "MaskInversion", "check_masks", "uses_legrad_strategies"]
 
 log = logging.getLogger(__name__)
 
@@ -53,54 +63,16 @@ def check_masks(masks: torch.Tensor) -> torch.Tensor:
     return masks
 
 
-@dataclass(frozen=True)
-class MaskInversionConfig:
-    """Hyper-parameters of the solver. Defaults reproduce the official implementation (maskinversion-torch 1.1).
-
-    Attributes:
-        layers: LeGrad layers (official MaskInversion: the last block only).
-        lr: AdamW learning rate (0.5, as the official README uses).
-        iterations: optimisation steps.
-        alpha: weight of the ``1 - cos(LET, image embedding)`` regulariser.
-        weight_decay: AdamW weight decay.
-        strategy: ``"auto"``, ``"naive"``, ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"``
-            (attention-pool heads; see ``strategies``).
-        memory_budget_mb: largest precomputed table ``auto`` may allocate.
-        eps: min-max range floor.
-    """
-
-    layers: tuple[int, ...] = (-1,)
-    lr: float = 0.5
-    iterations: int = 10
-    alpha: float = 0.0
-    weight_decay: float = 0.0
-    strategy: str = "auto"
-    memory_budget_mb: float = 2048.0
-    eps: float = 1e-12
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        if not self.layers:
-            raise ValueError("layers must name at least one block")
-        if self.strategy not in {"auto", *STRATEGIES}:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from auto, {', '.join(STRATEGIES)}")
-        if self.iterations < 0 or not self.lr > 0 or self.weight_decay < 0 or self.alpha < 0:
-            raise ValueError(
-                f"iterations, weight_decay and alpha must be >= 0 and lr > 0, got iterations={self.iterations}, "
-                f"lr={self.lr}, weight_decay={self.weight_decay}, alpha={self.alpha}"
-            )
-
-
 @dataclass
 class InversionResult:
     """What :class:`MaskInversion` returns for one image.
 
     Attributes:
         embeddings: ``[N, D]`` localized embeddings (the optimised tokens, not normalised, as the official code).
-        maps: ``[N, H, W]`` LeGrad maps of the returned embeddings, resized to the mask resolution.
+        maps: ``[N, H, W]`` the explainer's maps of the returned embeddings, resized to the mask resolution.
         loss_history: ``[iterations + 1]`` total loss before each step and, last, of the returned embeddings.
         mask_loss: ``[N]`` per-mask Dice loss of the returned embeddings.
-        strategy: the map strategy that ran.
+        strategy: the map strategy that ran (``"explainer"``: the generic autograd path).
         image_embedding: ``[1, D]`` the image's embedding (the starting point).
         embedding_history: ``[iterations + 1, N, D]`` the tokens before each step and, last, the returned ones.
         mask_loss_history: ``[iterations + 1, N]`` per-mask Dice loss of the same tokens (diagnostics: how accuracy
@@ -117,111 +89,184 @@ class InversionResult:
     mask_loss_history: torch.Tensor = field(repr=False, default=None)
 
 
-class MaskInversion:
-    """The MaskInversion solver: ``solver(image [1, 3, S, S], masks [N, H, W]) -> InversionResult``.
+Strategy = Literal["auto", "naive", "naive_lean", "per_step", "precomputed", "attention_pool"]
 
-    Hyper-parameters are fixed at construction (see :class:`MaskInversionConfig`); a call keeps no state.
+
+def uses_legrad_strategies(explainer: Explainer) -> bool:
+    """Whether ``explainer`` is the official LeGrad (mean-token route), the one explainer the decomposed and naive
+    strategies compute; any other explainer (a LeGrad subclass, ``pooling="model"``, Grad-CAM, ...) runs the generic
+    ``explainer`` path."""
+    return type(explainer) is LeGrad and explainer.pooling == "mean"
+
+
+class MaskInversion:
+    """The MaskInversion solver: ``solver(backbone, image [1, 3, S, S], masks [N, H, W]) -> InversionResult``.
+
+    The one place for MaskInversion's hyper-parameters: the module, the region method and the localization
+    evaluation all take a ``MaskInversion`` (built from YAML by jsonargparse). The solver owns no model: the backbone
+    is an argument of each call, like an explainer's; a call keeps no state. Defaults reproduce the official
+    implementation (maskinversion-torch 1.1: LeGrad on the last block, lr 0.5, 10 steps, no regulariser).
 
     Args:
-        backbone: a regionembed backbone (frozen during the call; only the tokens are optimised).
-        explainer: the differentiable explainer producing the maps; ``None`` means LeGrad on ``layers``, the only
-            explainer with the fast decomposed strategies. Other explainers run the generic autograd path.
-        **config: fields of :class:`MaskInversionConfig`.
+        explainer: the differentiable explainer whose maps are matched to the masks; ``None`` means ``LeGrad()``
+            (the last block). Its own settings are used as given (LeGrad's ``layers`` and ``eps`` included). The
+            official LeGrad (``pooling="mean"``) has the fast strategies; any other differentiable explainer
+            (``LeGrad(pooling="model")``, ``GradCAM(normalize=False)``, ...) runs the generic ``explainer`` path:
+            the explainer recomputed with ``create_graph`` at every step.
+        lr: AdamW learning rate of the tokens (0.5, as the official README uses).
+        iterations: optimisation steps.
+        alpha: weight of the ``1 - cos(LET, image embedding)`` regulariser.
+        weight_decay: AdamW weight decay.
+        strategy: how LeGrad maps are computed: ``"auto"`` (by cost and ``memory_budget_mb``; ``"explainer"`` for
+            explainers other than the official LeGrad; ``"attention_pool"`` on an attention-pool head), ``"naive"``,
+            ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (SigLIP, SigLIP2, PE-Core; see
+            :mod:`regionembed.inversion.strategies`; these need the official LeGrad).
+        memory_budget_mb: largest precomputed table ``auto`` may allocate.
+
+    Raises:
+        ValueError: a setting out of range, an explainer that is not differentiable, or a fixed strategy with an
+            explainer it cannot compute.
     """
 
-    def __init__(self, backbone: Backbone, explainer: Explainer | None = None, **config) -> None:
-        self.backbone = backbone
-        self.config = MaskInversionConfig(**config)
-        if explainer is not None and not isinstance(explainer, LeGrad) and not explainer.differentiable:
+    def __init__(
+        self,
+        explainer: Explainer | None = None,
+        lr: float = 0.5,
+        iterations: int = 10,
+        alpha: float = 0.0,
+        weight_decay: float = 0.0,
+        strategy: Strategy = "auto",
+        memory_budget_mb: float = 2048.0,
+    ) -> None:
+        if isinstance(explainer, Backbone):  # the 0.1 signature MaskInversion(backbone, ...): say what changed
+            raise TypeError(
+                "MaskInversion no longer takes the backbone at construction: build it with its settings and pass "
+                "the backbone to each call, MaskInversion(**settings)(backbone, image, masks) (see CHANGELOG)"
+            )
+        explainer = LeGrad() if explainer is None else explainer
+        if not isinstance(explainer, Explainer):
+            raise TypeError(f"explainer must be a regionembed Explainer, got {type(explainer).__name__}")
+        if not explainer.differentiable:
             raise ValueError(
                 f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
                 "use a differentiable explainer such as LeGrad"
             )
-        if isinstance(explainer, LeGrad) and explainer.pooling == "mean":  # the official LeGrad: fast strategies
-            self.config = MaskInversionConfig(**{**self.config.__dict__, "layers": explainer.layers})
-            explainer = None
-        self.explainer = explainer
-        if explainer is None:  # check now: an index out of range would otherwise surface mid-run as an IndexError
-            try:
-                backbone.layer_indices(self.config.layers)
-            except ValueError as err:
-                raise ValueError(
-                    f"layers={list(self.config.layers)}: {err} (negative indices count from the end)"
-                ) from err
-
-    def plan(self, image_size: int, num_masks: int) -> str:
-        """The strategy ``auto`` picks for ``num_masks`` masks on a square ``image_size`` image."""
-        cfg = self.config
-        if self.explainer is not None:
-            return "explainer"
-        if cfg.strategy != "auto":
-            return cfg.strategy
-        if uses_attention_pool(self.backbone):
-            log.info(
-                "MaskInversion strategy auto: %s pools with an attention pool (LeGrad differentiates the pool's "
-                "attention, not a block's); using 'attention_pool'",
-                type(self.backbone).__name__,
+        if strategy not in {"auto", *STRATEGIES}:
+            raise ValueError(f"unknown strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}")
+        if strategy != "auto" and not uses_legrad_strategies(explainer):
+            raise ValueError(
+                f"strategy {strategy!r} computes the official LeGrad (pooling='mean') only, not {explainer!r}; "
+                "use strategy 'auto', which runs other explainers on the generic 'explainer' path"
             )
+        if iterations < 0 or not lr > 0 or weight_decay < 0 or alpha < 0 or not memory_budget_mb >= 0:
+            raise ValueError(
+                f"iterations, weight_decay, alpha and memory_budget_mb must be >= 0 and lr > 0, got "
+                f"iterations={iterations}, lr={lr}, weight_decay={weight_decay}, alpha={alpha}, "
+                f"memory_budget_mb={memory_budget_mb}"
+            )
+        self.explainer = explainer
+        self.lr = float(lr)
+        self.iterations = int(iterations)
+        self.alpha = float(alpha)
+        self.weight_decay = float(weight_decay)
+        self.strategy = strategy
+        self.memory_budget_mb = float(memory_budget_mb)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that determines the result, as plain values (for run fingerprints and reports)."""
+        explainer = self.explainer
+        return {
+            "explainer": f"{type(explainer).__module__}.{type(explainer).__qualname__}",
+            "explainer_args": {k: repr(v) for k, v in sorted(vars(explainer).items()) if not k.startswith("_")},
+            "lr": self.lr,
+            "iterations": self.iterations,
+            "alpha": self.alpha,
+            "weight_decay": self.weight_decay,
+            "strategy": self.strategy,
+            "memory_budget_mb": self.memory_budget_mb,
+        }
+
+    def check(self, backbone: Backbone) -> None:
+        """Check the settings against ``backbone`` now (a LeGrad layer out of range would otherwise surface mid-run).
+
+        Raises:
+            UnsupportedModelError: LeGrad maps on a backbone without a token grid (names the alternative).
+            ValueError: naming ``layers`` and the model's number of blocks.
+        """
+        layers = getattr(self.explainer, "layers", None)
+        if isinstance(self.explainer, LeGrad):
+            require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
+        if isinstance(self.explainer, LeGrad) and layers is not None:
+            try:
+                backbone.layer_indices(layers)
+            except ValueError as err:
+                raise ValueError(f"layers={list(layers)}: {err} (negative indices count from the end)") from err
+
+    def plan(self, backbone: Backbone, image_size: int, num_masks: int) -> str:
+        """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``."""
+        if not uses_legrad_strategies(self.explainer):
+            return "explainer"
+        if self.strategy != "auto":
+            return self.strategy
+        layers = self.explainer.layers
+        if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention: its own tabulated strategy
+            log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
             return "attention_pool"
-        try:
-            costs = estimate_costs(self.backbone, image_size, num_masks, cfg.iterations, len(cfg.layers))
-        except NotImplementedError as err:
-            log.info("MaskInversion strategy auto: %s; using 'naive'", err)
+        issue = decomposition_issue(backbone, layers)
+        if issue is not None:
+            log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
             return "naive"
+        costs = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))
         pre, per = costs["precomputed"], costs["per_step"]
-        if pre.macs < per.macs and pre.memory <= cfg.memory_budget_mb * 2**20:
+        if pre.macs < per.macs and pre.memory <= self.memory_budget_mb * 2**20:
             return "precomputed"
         return "per_step"
 
-    def _strategy(self, image: torch.Tensor, num_masks: int) -> MapStrategy:
-        cfg = self.config
-        name = self.plan(image.shape[-1], num_masks)
+    def _strategy(self, backbone: Backbone, image: torch.Tensor, num_masks: int) -> MapStrategy:
+        name = self.plan(backbone, image.shape[-1], num_masks)
         if name == "explainer":
-            return ExplainerStrategy(self.backbone, image, cfg.layers, num_masks, cfg.eps, explainer=self.explainer)
-        if name in ("per_step", "precomputed") and not uses_attention_pool(self.backbone):  # those it refuses
-            try:
-                self.backbone.block_parts(self.backbone.blocks[cfg.layers[0]])
-            except NotImplementedError as err:
-                if cfg.strategy != "auto":
-                    raise
-                log.info("MaskInversion strategy auto: %s; using 'naive'", err)
-                name = "naive"
-        return STRATEGIES[name](self.backbone, image, cfg.layers, num_masks, cfg.eps)
+            return ExplainerStrategy(backbone, image, num_masks, explainer=self.explainer)
+        layers, eps = self.explainer.layers, self.explainer.eps
+        return STRATEGIES[name](backbone, image, layers, num_masks, eps)
 
-    def __call__(self, image: torch.Tensor, masks: torch.Tensor) -> InversionResult:
-        """Invert ``masks`` ``[N, H, W]`` (any resolution, values in [0, 1]) on ``image`` ``[1, 3, S, S]``."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MaskInversion optimises tokens with autograd and cannot run under torch.inference_mode(); "
-                "with Lightning set `trainer.inference_mode: false` (the shipped configs do)"
+    def __call__(self, backbone: Backbone, image: torch.Tensor, masks: torch.Tensor) -> InversionResult:
+        """Invert ``masks`` ``[N, H, W]`` (any resolution, values in [0, 1]) on ``image`` ``[1, 3, S, S]``.
+
+        ``backbone`` is frozen for the call (only the tokens are optimised); the naive strategies restore its
+        parameters' ``requires_grad`` and ``.grad`` afterwards.
+        """
+        require_grad_mode("MaskInversion")
+        if not isinstance(backbone, Backbone):
+            raise TypeError(
+                f"MaskInversion is called as solver(backbone, image, masks), got a {type(backbone).__name__} first"
             )
-        self.backbone.check_image(image)
+        self.check(backbone)
+        backbone.check_image(image)
         if image.shape[0] != 1:
             raise ValueError(f"MaskInversion takes one image [1, 3, S, S] per call, got a batch of {image.shape[0]}")
         masks = check_masks(masks).to(device=image.device, dtype=image.dtype)
-        cfg = self.config
         n = masks.shape[0]
-        strategy = self._strategy(image, n)
-        log.debug("MaskInversion: %d masks, %d iterations, strategy %s", n, cfg.iterations, strategy.name)
+        strategy = self._strategy(backbone, image, n)
+        log.debug("MaskInversion: %d masks, %d iterations, strategy %s", n, self.iterations, strategy.name)
 
         image_embedding = strategy.image_embedding.detach().expand(n, -1)
         target = F.normalize(image_embedding, dim=-1)
         let = image_embedding.clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([let], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW([let], lr=self.lr, weight_decay=self.weight_decay)
 
         def loss_of(tokens: torch.Tensor):
             e = F.normalize(tokens, dim=-1)
             maps = F.interpolate(strategy.maps(e).unsqueeze(1), size=masks.shape[-2:], mode="bilinear")[:, 0]
             per_mask = dice_loss(maps, masks, reduction="none")
             loss = per_mask.mean()
-            if cfg.alpha:
-                loss = loss + cfg.alpha * (1 - (target * e).sum(-1)).mean()
+            if self.alpha:
+                loss = loss + self.alpha * (1 - (target * e).sum(-1)).mean()
             return loss, maps, per_mask
 
         history, tokens, dice = [], [], []
         try:
             with torch.enable_grad():
-                for _ in range(cfg.iterations):
+                for _ in range(self.iterations):
                     loss, _, step_dice = loss_of(let)
                     if not torch.isfinite(loss):
                         raise FloatingPointError("MaskInversion loss became NaN/inf; check the image and the backbone")
@@ -249,4 +294,8 @@ class MaskInversion:
         )
 
     def __repr__(self) -> str:
-        return f"MaskInversion({self.config})"
+        return (
+            f"MaskInversion(explainer={self.explainer!r}, lr={self.lr}, iterations={self.iterations}, "
+            f"alpha={self.alpha}, weight_decay={self.weight_decay}, strategy={self.strategy!r}, "
+            f"memory_budget_mb={self.memory_budget_mb})"
+        )

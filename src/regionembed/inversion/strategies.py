@@ -2,7 +2,9 @@
 
 For a fixed image and a frozen model, LeGrad's layer score ``s = <e, f>`` is *linear* in the (normalised) token
 ``e``, so the gradient of ``s`` with respect to a block's attention probabilities is ``G(e) = J^T e`` for a constant
-Jacobian ``J`` of that block's tail. Three strategies compute ``G``:
+Jacobian ``J`` of that block's tail. These strategies compute the official LeGrad only (``LeGrad(pooling="mean")``,
+:func:`~regionembed.inversion.solver.uses_legrad_strategies`); every other explainer runs :class:`ExplainerStrategy`,
+the explainer recomputed with ``create_graph`` at every step. Three strategies compute ``G``:
 
 ``naive``
     The reference: the official algorithm. The image is repeated once per mask, and each step takes
@@ -18,12 +20,13 @@ Jacobian ``J`` of that block's tail. Three strategies compute ``G``:
     evaluated once on the D basis vectors; each step is then one matrix product ``e @ P`` plus ``dO V^T``. Amortises
     over many masks and iterations at the price of ``D * T * C`` floats per layer.
 
-All three agree numerically (see ``tests/unit/test_strategies.py``).
+All three agree numerically (see ``tests/unit/test_strategies.py``). A fourth covers attention-pool heads
+(:class:`~regionembed.backbones.base.AttentionPoolHead` with a pool: SigLIP, SigLIP2, PE-Core), where LeGrad
+differentiates the pool's attention rather than a block's and the formulas above do not apply:
 
 ``attention_pool``
-    For attention-pool heads (SigLIP, PE-Core), where LeGrad differentiates the pool's attention rather than a
-    block's: the Jacobian of the normalised pooled feature with respect to the pool's attention is tabulated once per
-    layer and each step is one product (``tests/unit/test_open_clip_timm.py`` checks it against ``naive``).
+    The Jacobian of the normalised pooled feature with respect to the pool's attention is tabulated once per layer
+    and each step is one product (``tests/unit/test_open_clip_timm.py`` checks it against ``naive``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder, UnsupportedModelError
-from ..backbones.base import Backbone, uses_attention_pool
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer, min_max, relevance_to_map
 from ..explainers.legrad import LeGrad
 
-__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "estimate_costs"]
+__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "decomposition_issue", "estimate_costs"]
+
+#: what the LeGrad strategies (all but ``explainer``) need instead, for the error message
+LEGRAD_ALTERNATIVE = "a CAM explainer, MaskInversion(explainer=GradCAM(normalize=False))"
 
 
 class MapStrategy(abc.ABC):
@@ -51,7 +57,7 @@ class MapStrategy(abc.ABC):
 
     def __init__(self, backbone: Backbone, image: torch.Tensor, layers: Sequence[int], num_masks: int, eps: float):
         self.backbone = backbone
-        self.layers = backbone.layer_indices(layers)
+        self.layers = list(layers)
         self.num_masks = num_masks
         self.eps = eps
         self.grid = backbone.grid_size(tuple(image.shape[-2:]))
@@ -82,11 +88,9 @@ class NaiveStrategy(MapStrategy):
     weight_grads = True
 
     def __init__(self, backbone, image, layers, num_masks, eps):
+        require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
         super().__init__(backbone, image, layers, num_masks, eps)
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MaskInversion cannot run under torch.inference_mode(); set `trainer.inference_mode: false`"
-            )
+        self.layers = backbone.layer_indices(layers)
         self.images = image.expand(num_masks, -1, -1, -1)
         self.legrad = LeGrad(self.layers, eps=eps)
         self._saved = {p: (p.requires_grad, p.grad) for p in backbone.parameters()}
@@ -131,12 +135,16 @@ class NaiveLeanStrategy(NaiveStrategy):
 
 
 class ExplainerStrategy(MapStrategy):
-    """Any differentiable explainer, recomputed from scratch at every step (no reuse, no decomposition)."""
+    """Any differentiable explainer, recomputed from scratch at every step (no reuse, no decomposition).
+
+    The path of every explainer but the official LeGrad: the explainer's own settings (layers, ``eps``, pooling)
+    apply; ``layers``/``eps`` of the base class are unused.
+    """
 
     name = "explainer"
 
-    def __init__(self, backbone, image, layers, num_masks, eps, explainer: Explainer):
-        super().__init__(backbone, image, layers, num_masks, eps)
+    def __init__(self, backbone, image, num_masks, explainer: Explainer):
+        super().__init__(backbone, image, (), num_masks, getattr(explainer, "eps", 1e-12))
         if not explainer.differentiable:
             raise ValueError(
                 f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
@@ -271,8 +279,8 @@ class _ReluMeanGrad(torch.autograd.Function):
         return torch.cat(grads), None
 
 
-def _layer_terms(backbone: Backbone, layer: int, record) -> _LayerTerms:
-    parts = backbone.block_parts(backbone.blocks[layer])
+def _layer_terms(backbone: TokenGridBackbone, layer: int, record) -> _LayerTerms:
+    parts = backbone.block_parts(backbone.blocks[layer])  # not None: checked by decomposition_issue
     out = record.out[0].detach()
     attn_out = record.attn_out[0].detach()
     x_mid = record.x_in[0].detach() + (attn_out * parts.ls1 if parts.ls1 is not None else attn_out)
@@ -319,12 +327,10 @@ class PerStepStrategy(MapStrategy):
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         super().__init__(backbone, image, layers, num_masks, eps)
-        if uses_attention_pool(backbone):
-            raise UnsupportedModelError(
-                f"strategy {self.name!r} decomposes LeGrad through a block's self-attention under mean pooling; "
-                f"{type(backbone).__name__} pools with an attention pool (LeGrad differentiates the pool's "
-                "attention): use strategy='attention_pool' (what 'auto' picks) or 'naive'"
-            )
+        issue = decomposition_issue(backbone, layers)
+        if issue is not None:
+            raise UnsupportedModelError(f"the {self.name} strategy cannot run: {issue}; use strategy='naive' or 'auto'")
+        self.layers = backbone.layer_indices(layers)
         with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image))
             self.image_embedding = backbone.pool_tokens(tokens)
@@ -378,12 +384,14 @@ class AttentionPoolStrategy(MapStrategy):
     CHUNK = 64
 
     def __init__(self, backbone, image, layers, num_masks, eps):
-        super().__init__(backbone, image, layers, num_masks, eps)
+        require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
         if not uses_attention_pool(backbone):
             raise UnsupportedModelError(
-                f"strategy 'attention_pool' needs an attention-pool head; {type(backbone).__name__} pools otherwise: "
-                "use 'per_step', 'precomputed' or 'naive'"
+                f"the attention_pool strategy needs an attention-pool head; {type(backbone).__name__} pools "
+                "otherwise: use strategy 'auto', 'per_step', 'precomputed' or 'naive'"
             )
+        super().__init__(backbone, image, layers, num_masks, eps)
+        self.layers = backbone.layer_indices(layers)
         with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image))
             self.image_embedding = backbone.pool_tokens(tokens)
@@ -430,8 +438,28 @@ class CostEstimate:
     memory: float
 
 
-def estimate_costs(backbone: Backbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
+def decomposition_issue(backbone: Backbone, layers: Sequence[int]) -> str | None:
+    """Why the decomposed strategies (``per_step``, ``precomputed``) cannot explain ``layers`` of ``backbone``, or
+    ``None`` when they can: they need a token-grid backbone whose explained blocks and last block have the pre-norm
+    form of :class:`~regionembed.backbones.base.BlockParts` (``block_parts`` is not ``None``)."""
+    if not isinstance(backbone, TokenGridBackbone):
+        return f"{type(backbone).__name__} is not a token-grid (vision transformer) backbone"
+    if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention, not a block's
+        return (
+            "LeGrad explains an attention-pool head through the pool's attention, which the formulas do not cover "
+            "(the attention_pool strategy does)"
+        )
+    blocks = backbone.blocks
+    for index in sorted({*backbone.layer_indices(layers), len(blocks) - 1}):
+        if backbone.block_parts(blocks[index]) is None:
+            return f"block {index} ({type(blocks[index]).__name__}) does not have the pre-norm form of the formulas"
+    return None
+
+
+def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
     """Rough cost of each strategy for ``num_masks`` masks and ``iterations`` steps on a square image.
+
+    Needs a backbone the decomposition fits (:func:`decomposition_issue` is ``None``).
 
     Counts the dominant matrix products: the image forward, the MLP/projection/attention products of the block tail
     per token (``T * (4C*C + C*C) + H*T*T*dh``), a backward at about twice a forward, the N image copies of

@@ -34,6 +34,9 @@ class RegionMethodsModule(L.LightningModule):
             raise ValueError(f"method names must be unique, got {names}")
         if any("." in n for n in names):  # they key torch ModuleDicts of metrics
             raise ValueError(f"method names must not contain '.', got {names}")
+        for method in self.methods:  # a MaskInversion setting the model cannot run is found now, not mid-test
+            if isinstance(method, MaskInversionEmbedding):
+                method.solver.check(self.backbone)
 
     def train(self, mode: bool = True):
         super().train(mode)

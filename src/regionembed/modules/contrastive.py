@@ -171,7 +171,7 @@ class ContrastiveModule(L.LightningModule):
         path = Path(self.hparams.export_path)
         dtype = {"float32": torch.float32, "float16": torch.float16}[self.hparams.export_dtype]
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.backbone.export_state_dict().items()}
-        save_safetensors(state, path, metadata={"model_name": getattr(self.backbone, "model_name", "")})
+        save_safetensors(state, path, metadata={"model_name": self.backbone.model_name})
         log.info("exported backbone weights to %s", path)
 
     def on_fit_end(self) -> None:

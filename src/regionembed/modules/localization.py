@@ -20,10 +20,11 @@ Protocol (one *query* per image and ground-truth class present in it):
   scored for both classes, ``b`` being the highest-ranked *other class present* in the image, else the
   highest-ranked absent class. The score is the softmax probability over the class prompts (``"probability"``,
   RISE's class probability) or the raw cosine (``"cosine"``).
-* **MaskInversion** (``mask_inversion``): the explanation of a region is the final LeGrad map of its optimised token
-  (the solver's ``maps``), computed *from the ground-truth mask of the query*. Its localization numbers therefore
-  measure how well the token's map reproduces the mask it was fitted to, not detection; its contrastive gap uses
-  the MaskInversion map of ``b``'s mask and is taken only when ``b`` is present in the image.
+* **MaskInversion** (``mask_inversion``): the explanation of a region is the final map of its optimised token
+  (the solver's ``maps``: its explainer's, LeGrad by default), computed *from the ground-truth mask of the query*.
+  Its localization numbers therefore measure how well the token's map reproduces the mask it was fitted to, not
+  detection; its contrastive gap uses the MaskInversion map of ``b``'s mask and is taken only when ``b`` is present
+  in the image.
 * **"Not present".** An explainer may say that a target is absent from an image (VL-Score keeps no channel):
   :meth:`~regionembed.explainers.Explainer.explain_with_presence` returns ``present`` ``[B]`` bool with the maps.
   Such maps count as misses everywhere: no box (IoU 0), a pointing-game miss, IoU/Dice/energy 0, and the fraction is
@@ -59,10 +60,10 @@ from ..backbones.base import Backbone
 from ..boxes import BoxMode
 from ..explainers import Explainer, LeGrad
 from ..explainers.mask_inversion import MaskInversionMaps
+from ..grad_mode import require_grad_mode
 from ..io import save_json
 from ..metrics import ExplainerLocalization, RegionAccuracy, localization_queries
 from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
-from .mask_inversion import require_grad_mode
 
 # MaskInversionMaps lives in regionembed.explainers; it stays importable from here (its first home)
 __all__ = ["FAITHFULNESS_KEYS", "LOCALIZATION_KEYS", "LocalizationModule", "MaskInversionMaps", "localization_table"]
@@ -137,7 +138,8 @@ class LocalizationModule(L.LightningModule):
     Args:
         backbone: the model (frozen here).
         explainers: explainers to compare (by class path in YAML); default: LeGrad on the last block.
-        mask_inversion: also evaluate MaskInversion's maps of the ground-truth masks (``None``: not).
+        mask_inversion: also evaluate MaskInversion's maps of the ground-truth masks (``None``: not); its ``solver``
+            holds every MaskInversion setting.
         class_names: class prompts in label order; default: the data module's ``class_names``.
         templates: prompt templates averaged per class.
         threshold: box threshold, a fraction of each map's maximum (:func:`~regionembed.boxes.maps_to_boxes`).
@@ -190,6 +192,8 @@ class LocalizationModule(L.LightningModule):
         self.mask_inversion = mask_inversion
         if mask_inversion is not None and mask_inversion.name in self.explainers:
             raise ValueError(f"an explainer is already named {mask_inversion.name!r}")
+        if mask_inversion is not None:
+            mask_inversion.solver.check(self.backbone)
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if faithfulness_score not in ("probability", "cosine"):
@@ -246,7 +250,7 @@ class LocalizationModule(L.LightningModule):
         return (self.backbone.logit_scale.exp() * cos).softmax(-1)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        require_grad_mode()
+        require_grad_mode("the localization evaluation (gradient explainers, MaskInversion)")
         text = self.text_embeddings()
         images = batch["image"]
         with torch.no_grad():

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import SumMetric
 
 from ..backbones.base import Backbone
+from ..grad_mode import require_grad_mode
 from ..io import save_json
 from ..metrics import ReferringAccuracy
 from ..metrics.functional import referring_accuracy
@@ -18,7 +19,6 @@ from ..referring import MATCHES, Match, answer_targets, candidate_scores, compre
 from ..regions import RegionEmbedder
 from ..text import TextEmbeddingCache
 from .base import RegionMethodsModule
-from .mask_inversion import require_grad_mode
 from .region_classification import comparison_table
 
 __all__ = ["ReferringModule"]
@@ -107,7 +107,7 @@ class ReferringModule(RegionMethodsModule):
         self.results_by_kind: dict[str, dict[str, dict[str, float]]] = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        require_grad_mode()
+        require_grad_mode("referring expression comprehension (MaskInversion)")
         if "text" not in batch or "target_index" not in batch:
             raise ValueError(
                 "ReferringModule needs referring batches (per image `text` and `target_index`): use "

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..backbones.base import Backbone
+from ..grad_mode import require_grad_mode
 from ..io import save_json
 from ..metrics import IterationCurve, RegionAccuracy
 from ..regions import RegionEmbedder
 from ..text import DEFAULT_TEMPLATES, TextEmbeddingCache
 from .base import RegionMethodsModule
-from .mask_inversion import require_grad_mode
 
 __all__ = ["RegionClassificationModule", "comparison_table"]
 
@@ -81,7 +81,7 @@ class RegionClassificationModule(RegionMethodsModule):
         )
         self.curve_metrics = torch.nn.ModuleDict(
             {
-                m.name: IterationCurve(int(m.config["iterations"]) + 1)
+                m.name: IterationCurve(m.solver.iterations + 1)
                 for m in self.methods
                 if self.hparams.curves and hasattr(m, "embed_history")
             }
@@ -107,7 +107,7 @@ class RegionClassificationModule(RegionMethodsModule):
         return self.backbone.logit_scale.exp() * emb @ self.text_embeddings().T
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        require_grad_mode()
+        require_grad_mode("region classification (MaskInversion, gradient explainers)")
         for b in range(batch["image"].shape[0]):
             keep = batch["region_batch_index"] == b
             if not keep.any():
