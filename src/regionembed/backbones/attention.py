@@ -220,20 +220,26 @@ def _timm_forward(recorder: AttentionRecorder, index: int):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = resolve_self_attn_mask(n, q, attn_mask, is_causal)
-        record = recorder.records[index]
-        o = _explicit_attention(
-            x, q, k, v, self.scale, bias, self.attn_drop.p if self.training else 0.0, record, recorder.leaf_probs
+        return _timm_attention_tail(
+            self, x, q, k, v, gate, resolve_self_attn_mask(n, q, attn_mask, is_causal), recorder, index
         )
-        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        o = self.norm(o)
-        if gate is not None:
-            o = o * gate
-        out = self.proj_drop(self.proj(o))
-        record.attn_out = out
-        return out
 
     return forward
+
+
+def _timm_attention_tail(attn, x, q, k, v, gate, bias, recorder: AttentionRecorder, index: int) -> torch.Tensor:
+    """What timm's ``Attention`` and eva's ``EvaAttention``/``AttentionRope`` do after q/k/v: the explicit attention
+    (probabilities recorded), the inner norm, the output gate and the projection; ``[B, N, C]``."""
+    b, n, _ = x.shape
+    record = recorder.records[index]
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    o = _explicit_attention(x, q, k, v, attn.scale, bias, dropout, record, recorder.leaf_probs)
+    o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+    if gate is not None:
+        o = o * gate
+    out = attn.proj_drop(attn.proj(o))
+    record.attn_out = out
+    return out
 
 
 def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index: int):
@@ -355,16 +361,7 @@ def _eva_forward(recorder: AttentionRecorder, index: int):
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         bias = resolve_self_attn_mask(n, q, attn_mask, is_causal)
-        record = recorder.records[index]
-        o = _explicit_attention(
-            x, q, k, v, self.scale, bias, self.attn_drop.p if self.training else 0.0, record, recorder.leaf_probs
-        )
-        o = self.norm(o.transpose(1, 2).reshape(b, n, -1))
-        if gate is not None:
-            o = o * gate
-        out = self.proj_drop(self.proj(o))
-        record.attn_out = out
-        return out
+        return _timm_attention_tail(self, x, q, k, v, gate, bias, recorder, index)
 
     return forward
 

@@ -273,6 +273,9 @@ class OpenCLIPBackbone(Backbone):
             targets, benchmarks; ``tokenize`` then raises).
     """
 
+    #: whether ``alpha_checkpoint=`` can load into this adapter's tower
+    takes_alpha_checkpoints = True
+
     def __new__(
         cls,
         model_name: str = "ViT-B-16",
@@ -300,6 +303,11 @@ class OpenCLIPBackbone(Backbone):
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
+        if alpha_checkpoint and not self.takes_alpha_checkpoints:  # before any weights are loaded
+            raise UnsupportedModelError(
+                f"{model_name}: Alpha-CLIP checkpoints exist for OpenAI CLIP ViTs only (OpenCLIPBackbone('ViT-B-16', "
+                "alpha_checkpoint=...)); use alpha_channel=True to train an alpha channel on this model"
+            )
         self.model_name = model_name
         self.pretrained = pretrained = normalize_pretrained(pretrained)
         self.tokenizer_path = tokenizer

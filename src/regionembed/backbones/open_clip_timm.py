@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import open_clip
 import torch
 from open_clip.timm_model import TimmModel
-from timm.layers import LayerScale, PatchEmbed, resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models import eva, register_model
 from timm.models import vision_transformer as timm_vit
 from torch import nn
@@ -29,6 +29,7 @@ from torch import nn
 from .attention import UnsupportedModelError, attention_pool_forward, check_library_versions
 from .base import AttentionPoolHead, BlockParts, TokenGridBackbone
 from .open_clip import OpenCLIPBackbone
+from .timm import vit_block_parts
 
 __all__ = ["OpenCLIPTimmBackbone"]
 
@@ -73,22 +74,8 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
     row and MaskInversion's ``attention_pool`` strategy; EVA02 pools with its [CLS] token.
     """
 
-    def __init__(
-        self,
-        model_name: str = "ViT-B-16-SigLIP",
-        pretrained: str | None = None,
-        image_size: int | None = None,
-        cache_dir: str | None = None,
-        alpha_channel: bool = False,
-        alpha_checkpoint: str | None = None,
-        tokenizer: str | bool | None = None,
-    ) -> None:
-        if alpha_checkpoint:  # before any weights are loaded
-            raise UnsupportedModelError(
-                f"{model_name}: Alpha-CLIP checkpoints exist for OpenAI CLIP ViTs only (OpenCLIPBackbone('ViT-B-16', "
-                "alpha_checkpoint=...)); use alpha_channel=True to train an alpha channel on this model"
-            )
-        super().__init__(model_name, pretrained, image_size, cache_dir, alpha_channel, None, tokenizer)
+    #: the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs
+    takes_alpha_checkpoints = False
 
     def _init_tower(self, image_size: int | None) -> int:
         check_library_versions("timm")
@@ -239,28 +226,6 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
         return self._after_pool(pooled), probs
 
     def block_parts(self, block: nn.Module) -> BlockParts | None:
-        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        plain = (
-            type(block) is timm_vit.Block
-            and isinstance(block.norm2, nn.LayerNorm)
-            and isinstance(attn.norm, nn.Identity)
-            and getattr(attn, "gate", None) is None
-            and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
-            and hasattr(mlp, "fc1")
-            and hasattr(mlp, "fc2")
-        )
-        if not plain:
-            # EVA02's SwiGLU (fc2(norm(silu(w1 x) * w2 x))) and its attention's inner norm do not fit the
-            # fc2(act(fc1(x))) formulas of the decomposed strategies; only timm's plain ViT block is described
-            return None
-        return BlockParts(
-            num_heads=attn.num_heads,
-            head_dim=attn.head_dim,
-            out_proj_weight=attn.proj.weight,
-            norm2=block.norm2,
-            fc1=mlp.fc1,
-            act=mlp.act,
-            fc2=mlp.fc2,
-            ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
-            ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
-        )
+        # timm's plain ViT block (SigLIP) fits the formulas; EVA02's SwiGLU (fc2(norm(silu(w1 x) * w2 x))) and its
+        # attention's inner norm do not (``None``: the solver runs naive)
+        return vit_block_parts(block)
