@@ -197,16 +197,11 @@ def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
 
 
 def _tokenizer_offline_error(model_name: str, hub_name: str) -> PretrainedWeightsUnavailable:
-    reason = (
-        f"the Hugging Face tokenizer {hub_name} of {model_name} must be downloaded from the Hugging Face hub, which "
-        "is not reachable from this machine (or HF_HUB_OFFLINE is set and no cached copy exists)"
-    )
-    return PretrainedWeightsUnavailable(
-        f"{reason}. Save it on a machine with network access, e.g. `AutoTokenizer.from_pretrained({hub_name!r})"
+    return offline_error(
+        f"the Hugging Face tokenizer {hub_name} of {model_name}",
+        way_out=f"Save it on a machine with network access, e.g. `AutoTokenizer.from_pretrained({hub_name!r})"
         ".save_pretrained('tokenizer_folder')`, and pass the folder: "
-        f"OpenCLIPBackbone({model_name!r}, tokenizer='/path/to/tokenizer_folder') "
-        "(YAML: backbone.init_args.tokenizer)",
-        reason=reason,
+        f"OpenCLIPBackbone({model_name!r}, tokenizer='/path/to/tokenizer_folder') (YAML: backbone.init_args.tokenizer)",
     )
 
 
