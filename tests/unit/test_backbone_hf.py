@@ -357,7 +357,7 @@ def test_clip_strategies_agree_with_naive(backbones, layers, size):
 
 
 @pytest.mark.parametrize("layers", [(-1,), (0, 1, 2)])
-def test_siglip_maskinversion_runs_naive(backbones, layers):
+def test_siglip_maskinversion_runs_the_pool_strategy(backbones, layers):
     b = backbones["siglip"]
     torch.manual_seed(0)
     image = torch.randn(1, 3, 64, 64)
@@ -365,11 +365,14 @@ def test_siglip_maskinversion_runs_naive(backbones, layers):
     masks[0, :32, :32] = 1
     masks[1, 32:, 16:] = 1
     res = MaskInversion(LeGrad(layers=layers), iterations=8)(b, image, masks)
-    assert res.strategy == "naive"  # auto: the attention-pool recipe has no decomposition
+    assert res.strategy == "attention_pool"  # auto: the pool's Jacobian tabulated (no block decomposition)
     assert res.loss_history[-1] < res.loss_history[0] - 0.05
     assert torch.isfinite(res.embeddings).all() and not any(p.requires_grad for p in b.parameters())
     with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*attention-pool"):
         MaskInversion(strategy="per_step", iterations=1)(b, image, masks)
+    naive = MaskInversion(LeGrad(layers=layers), strategy="naive", iterations=8)(b, image, masks)
+    torch.testing.assert_close(res.loss_history, naive.loss_history, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res.embeddings, naive.embeddings, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ alpha channel

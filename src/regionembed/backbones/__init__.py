@@ -1,5 +1,5 @@
-"""Backbone adapters (open_clip, timm, Hugging Face transformers), the capability classes, the attention recorder and
-tiny model configs."""
+"""Backbone adapters (open_clip incl. its timm towers, timm, Hugging Face transformers), the capability classes, the
+attention recorder and tiny model configs."""
 
 from .attention import AttentionRecord, AttentionRecorder, MHAPoolRecorder, UnsupportedModelError
 from .base import (
@@ -14,6 +14,7 @@ from .base import (
 )
 from .hf import HFBackbone
 from .open_clip import TINY_MODELS, OpenCLIPAttentionPoolBackbone, OpenCLIPBackbone, OpenCLIPViTBackbone
+from .open_clip_timm import OpenCLIPTimmBackbone
 from .resnet import OpenCLIPResNetBackbone
 from .timm import TimmBackbone
 from .weights import PretrainedWeightsUnavailable
@@ -31,6 +32,7 @@ __all__ = [
     "OpenCLIPAttentionPoolBackbone",
     "OpenCLIPBackbone",
     "OpenCLIPResNetBackbone",
+    "OpenCLIPTimmBackbone",
     "OpenCLIPViTBackbone",
     "PreprocessSpec",
     "PretrainedWeightsUnavailable",

@@ -9,10 +9,12 @@ everything is undone on exit.
 
 Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), open_clip's
 ``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities), timm
-``vision_transformer.Block`` with ``timm.layers.Attention``, and ``transformers`` ``CLIPAttention`` /
+``vision_transformer.Block`` with ``timm.layers.Attention``, timm ``EvaBlock`` with ``EvaAttention`` or
+``AttentionRope`` (EVA02, PE-Core: rotary embeddings, fused or separate q/k/v), and ``transformers`` ``CLIPAttention`` /
 ``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of :class:`~regionembed.backbones.hf.HFBackbone`.
 :class:`MHAPoolRecorder` records the probe attention of an ``nn.MultiheadAttention`` pooling head (``transformers``'
-``SiglipMultiheadAttentionPoolingHead``). Anything else raises :class:`UnsupportedModelError`.
+``SiglipMultiheadAttentionPoolingHead``); :func:`attention_pool_forward` runs timm's ``AttentionPoolLatent``
+(SigLIP's and PE's ``map`` head) with its probabilities kept. Anything else raises :class:`UnsupportedModelError`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "AttentionRecorder",
     "MHAPoolRecorder",
     "UnsupportedModelError",
+    "attention_pool_forward",
     "check_library_versions",
 ]
 
@@ -217,20 +220,26 @@ def _timm_forward(recorder: AttentionRecorder, index: int):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = resolve_self_attn_mask(n, q, attn_mask, is_causal)
-        record = recorder.records[index]
-        o = _explicit_attention(
-            x, q, k, v, self.scale, bias, self.attn_drop.p if self.training else 0.0, record, recorder.leaf_probs
+        return _timm_attention_tail(
+            self, x, q, k, v, gate, resolve_self_attn_mask(n, q, attn_mask, is_causal), recorder, index
         )
-        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        o = self.norm(o)
-        if gate is not None:
-            o = o * gate
-        out = self.proj_drop(self.proj(o))
-        record.attn_out = out
-        return out
 
     return forward
+
+
+def _timm_attention_tail(attn, x, q, k, v, gate, bias, recorder: AttentionRecorder, index: int) -> torch.Tensor:
+    """What timm's ``Attention`` and eva's ``EvaAttention``/``AttentionRope`` do after q/k/v: the explicit attention
+    (probabilities recorded), the inner norm, the output gate and the projection; ``[B, N, C]``."""
+    b, n, _ = x.shape
+    record = recorder.records[index]
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    o = _explicit_attention(x, q, k, v, attn.scale, bias, dropout, record, recorder.leaf_probs)
+    o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
+    if gate is not None:
+        o = o * gate
+    out = attn.proj_drop(attn.proj(o))
+    record.attn_out = out
+    return out
 
 
 def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index: int):
@@ -259,13 +268,16 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
         if not hasattr(timm_attention, "resolve_self_attn_mask"):
             raise UnsupportedModelError("this timm 1.0.x predates the attention internals the recorder was written for")
         return attn, _timm_forward(recorder, index)
+    eva = _eva_attention_and_forward(block, recorder, index)  # timm eva.py blocks (EVA02, PE-Core)
+    if eva is not None:
+        return eva
     hf_forward = _hf_attention_forward_for(attn, recorder, index)
     if hf_forward is not None:
         return attn, hf_forward
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
         "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block, "
-        "transformers CLIP/SigLIP encoder layers)"
+        "timm EvaBlock with EvaAttention or AttentionRope, transformers CLIP/SigLIP encoder layers)"
     )
 
 
@@ -319,6 +331,98 @@ def _hf_forward(recorder: AttentionRecorder, index: int):
         return out, record.probs
 
     return forward
+
+
+# ---------------------------------------------------------------- timm eva.py attention and attention pools
+def _eva_forward(recorder: AttentionRecorder, index: int):
+    """An explicit forward for timm ``EvaAttention`` / ``AttentionRope`` (EVA02, PE-Core): fused or separate q/k/v,
+    EVA's zero k-bias, q/k norms, rotary embeddings on the patch tokens, grouped k/v heads, the inner scale norm and
+    the output gate, as timm's own non-fused path, with the probabilities kept."""
+    from timm.layers import apply_rot_embed_cat, resolve_self_attn_mask
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        if self.qkv is not None:
+            q_bias = getattr(self, "q_bias", None)  # EvaAttention keeps the biases apart (k's is a zero buffer)
+            bias = torch.cat((q_bias, self.k_bias, self.v_bias)) if q_bias is not None else self.qkv.bias
+            qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q = self.q_proj(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+            k = self.k_proj(x).reshape(b, n, -1, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).reshape(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        bias = resolve_self_attn_mask(n, q, attn_mask, is_causal)
+        return _timm_attention_tail(self, x, q, k, v, gate, bias, recorder, index)
+
+    return forward
+
+
+def _eva_attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index: int):
+    """``(attention module, explicit forward)`` for a timm ``EvaBlock``; ``None`` for any other block."""
+    try:
+        from timm.layers import AttentionRope
+        from timm.models.eva import EvaAttention, EvaBlock
+    except ImportError:  # pragma: no cover - timm is a dependency; an older timm has no eva blocks to record
+        return None
+    if not isinstance(block, EvaBlock) or not isinstance(block.attn, (EvaAttention, AttentionRope)):
+        return None
+    check_library_versions("timm")
+    for name in ("num_heads", "head_dim", "scale", "num_prefix_tokens", "q_norm", "k_norm", "norm", "proj"):
+        if not hasattr(block.attn, name):
+            raise UnsupportedModelError(f"this timm's {type(block.attn).__name__} lacks {name!r}; pin timm 1.0.x")
+    return block.attn, _eva_forward(recorder, index)
+
+
+def attention_pool_forward(
+    pool: nn.Module, x: torch.Tensor, leaf_probs: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``AttentionPoolLatent`` (SigLIP's and PE's ``map`` head) with its attention probabilities kept.
+
+    The same computation as the pool's own forward (its non-fused path), with the same ``Parameter`` objects and
+    nothing attached to the module (a plain function: there is nothing to undo).
+
+    Args:
+        pool: a timm ``AttentionPoolLatent``.
+        x: ``[B, T, C]`` tokens.
+        leaf_probs: when grad mode is on but nothing upstream requires grad, make the probabilities an autograd leaf.
+
+    Returns:
+        ``(pooled, probs)``: the pool's output (``[B, C']``, or ``[B, Q, C']`` for ``pool_type=''``) and the
+        post-softmax probabilities ``[B, H, Q, T]`` of the latent queries over the tokens.
+    """
+    from timm.layers import AttentionPoolLatent
+
+    if not isinstance(pool, AttentionPoolLatent):
+        raise UnsupportedModelError(f"{type(pool).__name__} is not a timm AttentionPoolLatent")
+    check_library_versions("timm")
+    b, n, _ = x.shape
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim)
+    q = q.transpose(1, 2)
+    k, v = pool.kv(x).reshape(b, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    probs = ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, Q, T]
+    if leaf_probs and torch.is_grad_enabled() and not probs.requires_grad:
+        probs.requires_grad_(True)
+    out = (probs @ v).transpose(1, 2).reshape(b, pool.latent_len, -1)
+    out = pool.proj_drop(pool.proj(out))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        out = out[:, 0]
+    elif pool.pool == "avg":
+        out = out.mean(1)
+    return out, probs
 
 
 # ------------------------------------------------------------------ attention-pool heads: nn.MultiheadAttention probe

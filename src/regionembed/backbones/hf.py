@@ -28,7 +28,7 @@ from torch import nn
 
 from .attention import MHAPoolRecorder, UnsupportedModelError, check_library_versions
 from .base import AttentionPoolHead, BlockParts, PreprocessSpec, TokenGridBackbone
-from .weights import PretrainedWeightsUnavailable, hub_offline
+from .weights import PretrainedWeightsUnavailable, hub_offline, offline_error
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,12 @@ def _is_path(name: str) -> bool:
 
 
 def _offline_error(name: str) -> PretrainedWeightsUnavailable:
-    reason = (
-        f"the Hugging Face model {name!r} must be downloaded from the hub, which is not reachable from this machine "
-        "(or HF_HUB_OFFLINE is set and no cached copy exists)"
-    )
-    return PretrainedWeightsUnavailable(
-        f"{reason}. On a machine with network access save it to a folder, e.g. "
+    return offline_error(
+        f"the Hugging Face model {name!r}",
+        way_out="On a machine with network access save it to a folder, e.g. "
         f"`CLIPModel.from_pretrained({name!r}).save_pretrained('folder')` and "
         f"`AutoProcessor.from_pretrained({name!r}).save_pretrained('folder')` (SiglipModel for SigLIP), copy the "
-        "folder here and pass it instead: HFBackbone('/path/to/folder')"
-        # no separate ``reason``: the CLI would append its `pretrained` flag, which HFBackbone does not have
+        "folder here and pass it instead: HFBackbone('/path/to/folder')",
     )
 
 
@@ -306,7 +302,7 @@ class HFBackbone(TokenGridBackbone, AttentionPoolHead):
     def block_parts(self, block: nn.Module) -> BlockParts | None:
         if self.family == "siglip":
             # the decomposed MaskInversion strategies are formulas for LeGrad's mean-token head through the blocks;
-            # LeGrad on an attention-pool head differentiates the pool's attention instead (the solver runs naive)
+            # LeGrad on an attention-pool head differentiates the pool's attention (MaskInversion: attention_pool)
             return None
         layer = block.layer if isinstance(block, HFEncoderBlock) else None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from .attention import AttentionRecorder, UnsupportedModelError, check_library_v
 from .base import AttentionPoolHead, Backbone, BlockParts, PreprocessSpec, TokenGridBackbone
 from .vocab import RemappedTokenizer, read_words, vocabulary_file
 from .weights import (
+    PretrainedWeightsUnavailable,
     hub_offline,
     load_lightning_backbone_state,
     looks_like_path,
@@ -133,6 +135,76 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         raise
 
 
+class _NoTokenizer:
+    """Stands in for the tokenizer of a backbone built with ``tokenizer=False`` (image-side use only)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, texts) -> torch.Tensor:
+        raise ValueError(
+            f"{self.model_name} was built with tokenizer=False (no text side); pass tokenizer='/path/to/folder' "
+            "(or None to load it from the hub) to tokenize texts"
+        )
+
+
+def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
+    """The tokenizer ``tokenizer=`` asks for: a Hugging Face one from a local folder, the hub one of a config that
+    names one (``text_cfg.hf_tokenizer_name``), a :class:`_NoTokenizer`, or ``None`` for open_clip's built-in one.
+
+    Raises:
+        ImportError: the config needs ``transformers`` (``regionembed[hf]``) and it is not installed.
+        PretrainedWeightsUnavailable: the hub tokenizer cannot be downloaded (offline), naming ``tokenizer=``.
+        ValueError: ``tokenizer`` is given for a model whose tokenizer is not a Hugging Face one, or is no folder.
+    """
+    if tokenizer is False:
+        return _NoTokenizer(model_name)
+    if tokenizer is True:
+        tokenizer = None
+    if model_name not in open_clip.list_models():
+        return None  # _create_open_clip names the unknown model
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    hub_name = text_cfg.get("hf_tokenizer_name")
+    if hub_name and importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            f"{model_name}'s tokenizer is a Hugging Face tokenizer: pip install 'regionembed[hf]' (transformers), "
+            "or pass tokenizer=False for image-side use only"
+        )
+    if tokenizer is not None:
+        if not hub_name:
+            raise ValueError(
+                f"tokenizer={tokenizer!r}: {model_name} uses open_clip's built-in tokenizer (no Hugging Face "
+                "tokenizer to replace); leave tokenizer unset"
+            )
+        if not os.path.isdir(tokenizer):
+            raise ValueError(f"tokenizer={tokenizer!r} is not a folder (a tokenizer saved with save_pretrained)")
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(
+            tokenizer, context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {})
+        )
+    if not hub_name:
+        return None
+    offline = hub_offline()
+    if offline and not os.environ.get("HF_HUB_OFFLINE"):  # unreachable: fail now instead of after long retries
+        raise _tokenizer_offline_error(model_name, hub_name)
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except Exception as err:  # hub and transformers raise many types; re-raise with the way out
+        if offline:
+            raise _tokenizer_offline_error(model_name, hub_name) from err
+        raise
+
+
+def _tokenizer_offline_error(model_name: str, hub_name: str) -> PretrainedWeightsUnavailable:
+    return offline_error(
+        f"the Hugging Face tokenizer {hub_name} of {model_name}",
+        way_out=f"Save it on a machine with network access, e.g. `AutoTokenizer.from_pretrained({hub_name!r})"
+        ".save_pretrained('tokenizer_folder')`, and pass the folder: "
+        f"OpenCLIPBackbone({model_name!r}, tokenizer='/path/to/tokenizer_folder') (YAML: backbone.init_args.tokenizer)",
+    )
+
+
 def tower_type(model_name: str) -> str:
     """The kind of image tower open_clip builds for ``model_name``: ``"resnet"`` (ModifiedResNet), ``"timm"`` (a timm
     model: SigLIP, EVA02, PE, ...) or ``"vit"`` (open_clip's VisionTransformer, CoCa's included), read from the config
@@ -155,15 +227,8 @@ def _adapter_class(model_name: str) -> type:
 
         return OpenCLIPResNetBackbone
     if kind == "timm":
-        try:
-            from .open_clip_timm import OpenCLIPTimmBackbone
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.open_clip_timm":
-                raise
-            raise UnsupportedModelError(
-                f"{model_name}: open_clip image towers built on timm (TimmModel: SigLIP, EVA02, PE, ...) are not "
-                "supported by this version of regionembed"
-            ) from err
+        from .open_clip_timm import OpenCLIPTimmBackbone
+
         return OpenCLIPTimmBackbone
     if (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("attentional_pool"):
         return OpenCLIPAttentionPoolBackbone
@@ -182,7 +247,8 @@ class OpenCLIPBackbone(Backbone):
 
     Args:
         model_name: any open_clip config name (``open_clip.list_models()``), or a tiny regionembed config
-            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``, ``re-tiny-rn``, ``re-tiny-coca``).
+            (``re-tiny-vit``, ``re-tiny-vit-ls``, ``re-small-vit``, ``re-tiny-rn``, ``re-tiny-coca``; timm towers:
+            ``re-tiny-siglip``, ``re-tiny-eva02``, ``re-tiny-pe``).
         pretrained: ``None`` for random init, an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``,
             needs the hub), a local weights file (``.pt/.pth/.bin/.safetensors``, loaded weights-only, or a
             regionembed ``.ckpt``), or ``regionembed:<name>``.
@@ -195,7 +261,15 @@ class OpenCLIPBackbone(Backbone):
             our export, or a regionembed ``.ckpt`` of an alpha model) that replaces the visual tower and the alpha
             conv after ``pretrained`` is loaded (so ``pretrained`` provides the text tower); implies
             ``alpha_channel``.
+        tokenizer: for configs whose tokenizer is a Hugging Face one that open_clip loads from the hub (SigLIP,
+            SigLIP2; needs ``regionembed[hf]``): a local folder holding it (``save_pretrained`` output or a hub
+            snapshot); ``None`` loads it from the hub (or fails at once offline, naming this argument). ``False``
+            builds no tokenizer, for any model (image-side use only: explainers and MaskInversion with given
+            targets, benchmarks; ``tokenize`` then raises).
     """
+
+    #: whether ``alpha_checkpoint=`` can load into this adapter's tower
+    takes_alpha_checkpoints = True
 
     def __new__(
         cls,
@@ -205,6 +279,7 @@ class OpenCLIPBackbone(Backbone):
         cache_dir: str | None = None,
         alpha_channel: bool = False,
         alpha_checkpoint: str | None = None,
+        tokenizer: str | bool | None = None,
     ) -> OpenCLIPBackbone:
         # the full signature, as __init__'s: jsonargparse reads a class's parameters from __new__ when it has one
         if cls is OpenCLIPBackbone:  # dispatch on the tower; a subclass named explicitly is built as asked
@@ -219,11 +294,19 @@ class OpenCLIPBackbone(Backbone):
         cache_dir: str | None = None,
         alpha_channel: bool = False,
         alpha_checkpoint: str | None = None,
+        tokenizer: str | bool | None = None,
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
+        if alpha_checkpoint and not self.takes_alpha_checkpoints:  # before any weights are loaded
+            raise UnsupportedModelError(
+                f"{model_name}: Alpha-CLIP checkpoints exist for OpenAI CLIP ViTs only (OpenCLIPBackbone('ViT-B-16', "
+                "alpha_checkpoint=...)); use alpha_channel=True to train an alpha channel on this model"
+            )
         self.model_name = model_name
         self.pretrained = pretrained = normalize_pretrained(pretrained)
+        self.tokenizer_path = tokenizer
+        hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
         size = self._init_tower(image_size)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
@@ -234,13 +317,27 @@ class OpenCLIPBackbone(Backbone):
             interpolation=str(cfg.get("interpolation", "bicubic")),
             resize_mode=str(cfg.get("resize_mode", "shortest")),
         )
-        self._tokenizer = get_tokenizer(self.model_name, self.model)
+        self._tokenizer = hf_tokenizer if hf_tokenizer is not None else get_tokenizer(self.model_name, self.model)
+        self._check_tokenizer_ids()
         self.alpha_checkpoint = alpha_checkpoint
         if alpha_checkpoint:
             load_alpha_clip_visual(self, alpha_checkpoint)
         elif alpha_channel:
             self.enable_alpha()
         self.model.eval()
+
+    def _check_tokenizer_ids(self) -> None:
+        """A tokenizer folder given as ``tokenizer=`` must not produce ids beyond the text tower's token embedding."""
+        inner = getattr(self._tokenizer, "tokenizer", None)
+        if self.tokenizer_path in (None, True, False) or inner is None:
+            return
+        text = getattr(self.model, "text", self.model)
+        rows = getattr(getattr(text, "token_embedding", None), "num_embeddings", None)
+        if rows is not None and len(inner) > rows:
+            raise ValueError(
+                f"tokenizer={self.tokenizer_path!r} has {len(inner)} ids but {self.model_name}'s text tower has {rows} "
+                "token embeddings"
+            )
 
     @abc.abstractmethod
     def _init_tower(self, image_size: int | None) -> int:
@@ -308,8 +405,10 @@ class OpenCLIPBackbone(Backbone):
 
     def extra_repr(self) -> str:
         alpha = f", alpha_checkpoint={self.alpha_checkpoint!r}" if self.alpha_checkpoint else ""
+        tok = f", tokenizer={self.tokenizer_path!r}" if self.tokenizer_path is not None else ""
         return (
-            f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}{alpha}"
+            f"model_name={self.model_name!r}, pretrained={self.pretrained!r}, image_size={self.preprocess.size}"
+            f"{alpha}{tok}"
         )
 
 

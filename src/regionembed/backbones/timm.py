@@ -130,28 +130,36 @@ class TimmBackbone(TokenGridBackbone):
         return m.head(m.fc_norm(m.norm(pooled)))
 
     def block_parts(self, block: nn.Module) -> BlockParts | None:
-        attn, mlp = block.attn, block.mlp
-        plain = (
-            isinstance(block, Block)
-            and isinstance(block.norm2, nn.LayerNorm)
-            and isinstance(attn.norm, nn.Identity)
-            and getattr(attn, "gate", None) is None
-            and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
-            and hasattr(mlp, "fc1")
-        )
-        if not plain:
-            return None
-        return BlockParts(
-            num_heads=attn.num_heads,
-            head_dim=attn.head_dim,
-            out_proj_weight=attn.proj.weight,
-            norm2=block.norm2,
-            fc1=mlp.fc1,
-            act=mlp.act,
-            fc2=mlp.fc2,
-            ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
-            ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
-        )
+        return vit_block_parts(block)
 
     def extra_repr(self) -> str:
         return f"model_name={self.model_name!r}, image_size={self.preprocess.size}"
+
+
+def vit_block_parts(block: nn.Module) -> BlockParts | None:
+    """:class:`BlockParts` of a plain timm ViT ``Block`` (``x + fc2(act(fc1(norm2(x))))``), or ``None`` for any other
+    block: gated or inner-normed attention, SwiGLU or normed MLPs (EVA02's blocks, for one) do not fit the formulas
+    of the decomposed MaskInversion strategies."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    plain = (
+        isinstance(block, Block)
+        and isinstance(block.norm2, nn.LayerNorm)
+        and isinstance(attn.norm, nn.Identity)
+        and getattr(attn, "gate", None) is None
+        and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+        and hasattr(mlp, "fc1")
+        and hasattr(mlp, "fc2")
+    )
+    if not plain:
+        return None
+    return BlockParts(
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        out_proj_weight=attn.proj.weight,
+        norm2=block.norm2,
+        fc1=mlp.fc1,
+        act=mlp.act,
+        fc2=mlp.fc2,
+        ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
+        ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
+    )

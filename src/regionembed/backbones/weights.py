@@ -117,12 +117,21 @@ def hub_offline(timeout: float = 3.0) -> bool:
         return True
 
 
-def offline_error(what: str, example: str) -> PretrainedWeightsUnavailable:
-    """The error raised when a hub download is impossible; ``example`` shows the Python way out."""
+def offline_error(what: str, example: str = "", way_out: str | None = None) -> PretrainedWeightsUnavailable:
+    """The error raised when a hub download is impossible.
+
+    Args:
+        what: what needs the hub (``"open_clip weights ViT-B-16/openai"``).
+        example: the Python way out through ``pretrained=`` (a local weights file); the CLI names its own flag.
+        way_out: instead of the weights advice, for what ``pretrained`` does not replace (a tokenizer, a model
+            folder); the message is then reported whole.
+    """
     reason = (
         f"{what} must be downloaded from the Hugging Face hub, which is not reachable from this machine "
         "(or HF_HUB_OFFLINE is set and no cached copy exists)"
     )
+    if way_out is not None:  # no separate ``reason``: the CLI would append its `pretrained` flag, not the way out
+        return PretrainedWeightsUnavailable(f"{reason}. {way_out}")
     return PretrainedWeightsUnavailable(
         f"{reason}. Download the weights on a machine with network access and point `pretrained` at the local file "
         f"instead, e.g. {example}. Files ending in {', '.join(WEIGHT_SUFFIXES)} are accepted; safetensors or "

@@ -3,7 +3,7 @@
 Every case runs in a fresh subprocess (so peak memory is that case's own) on the same randomly initialised model,
 image and masks; all cases of one invocation run side by side on the same machine, so their ratios are comparable.
 
-    python -m regionembed.bench inversion --model ViT-B-16 --masks 1 16 100 --iterations 10 --sizes 224
+    python -m regionembed.bench inversion --models ViT-B-16 --masks 1 16 100 --iterations 10 --sizes 224
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from itertools import pairwise, product
 
-STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto")
+STRATEGY_ORDER = ("naive", "naive_lean", "per_step", "precomputed", "auto", "attention_pool")
 
 
 def _max_rss_mb() -> float:
@@ -62,7 +62,8 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
     from regionembed.inversion import MaskInversion
 
     torch.manual_seed(seed)
-    backbone = OpenCLIPBackbone(model, image_size=size).requires_grad_(False)
+    # no text is encoded here, so no tokenizer (SigLIP's would come from the hub)
+    backbone = OpenCLIPBackbone(model, image_size=size, tokenizer=False).requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(1, 3, size, size, generator=g)
     target = torch.zeros(masks, size, size)
@@ -105,16 +106,20 @@ def _spawn(case: dict, timeout: float) -> dict:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Add speed-up over ``naive`` (same masks/iterations/size) and the marginal time of one more mask."""
-    naive = {(r["masks"], r["iterations"], r["image_size"]): r["wall_s"] for r in records if r["strategy"] == "naive"}
+    """Add speed-up over ``naive`` (same model/masks/iterations/size) and the marginal time of one more mask."""
+
+    def key_of(r: dict) -> tuple:
+        return r["model"], r["masks"], r["iterations"], r["image_size"]
+
+    naive = {key_of(r): r["wall_s"] for r in records if r["strategy"] == "naive" and "wall_s" in r}
     by_strategy: dict[tuple, list[dict]] = {}
     for r in records:
         if "wall_s" not in r:
             continue
-        key = (r["masks"], r["iterations"], r["image_size"])
+        key = key_of(r)
         if key in naive:
             r["speedup_vs_naive"] = round(naive[key] / r["wall_s"], 2)
-        by_strategy.setdefault((r["strategy"], r["iterations"], r["image_size"]), []).append(r)
+        by_strategy.setdefault((r["model"], r["strategy"], r["iterations"], r["image_size"]), []).append(r)
     for rows in by_strategy.values():
         rows.sort(key=lambda r: r["masks"])
         for prev, cur in pairwise(rows):
@@ -123,15 +128,18 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    head = "| size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB | vs naive |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| model | size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB | vs naive |"
+    lines = [head, "|" + "---|" * 10]
     for r in records:
         if "wall_s" not in r:
-            lines.append(f"| {r['image_size']} | {r['masks']} | {r['iterations']} | {r['strategy']} | {r['error']} |")
+            lines.append(
+                f"| {r['model']} | {r['image_size']} | {r['masks']} | {r['iterations']} | {r['strategy']} | "
+                f"{r['error']} |"
+            )
             continue
         name = r["strategy"] if r["strategy"] != "auto" else f"auto ({r['ran']})"
         lines.append(
-            f"| {r['image_size']} | {r['masks']} | {r['iterations']} | {name} | {r['wall_s']:.2f} | "
+            f"| {r['model']} | {r['image_size']} | {r['masks']} | {r['iterations']} | {name} | {r['wall_s']:.2f} | "
             f"{r['s_per_mask']:.3f} | {r.get('marginal_s_per_mask', float('nan')):.3f} | "
             f"{r['peak_over_baseline_mb']:.0f} | {r.get('speedup_vs_naive', float('nan')):.1f}x |"
         )
@@ -140,7 +148,13 @@ def markdown_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m regionembed.bench inversion", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights)")
+    parser.add_argument(
+        "--models",
+        "--model",
+        nargs="+",
+        default=["ViT-B-16"],
+        help="open_clip model names (random weights), e.g. ViT-B-16 ViT-B-16-SigLIP EVA02-B-16",
+    )
     parser.add_argument("--masks", type=int, nargs="+", default=[1, 16, 100])
     parser.add_argument("--iterations", type=int, nargs="+", default=[10])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224])
@@ -153,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_case(**json.loads(args.case))))
         return
     records = []
-    for size, iterations, masks, strategy in product(args.sizes, args.iterations, args.masks, args.strategies):
-        case = {"model": args.model, "size": size, "masks": masks, "iterations": iterations, "strategy": strategy}
+    cases = product(args.models, args.sizes, args.iterations, args.masks, args.strategies)
+    for model, size, iterations, masks, strategy in cases:
+        case = {"model": model, "size": size, "masks": masks, "iterations": iterations, "strategy": strategy}
         record = _spawn(case, args.timeout)
         record.setdefault("image_size", size)
         print(json.dumps(record), flush=True)

@@ -9,7 +9,8 @@ Two recipes, as the official implementation has them:
   projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
   differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
   and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
-  upsampled bilinearly by the patch size (the official code's order).
+  upsampled bilinearly by the patch size (the official code's order). The official code's optional "empty text"
+  correction (``apply_correction``, off by default there) is not applied.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ class AttentionRollout(Explainer):
     the product ``A'_L ... A'_1`` is taken and its [CLS] row, restricted to the patch columns, is the map (bilinearly
     upsampled by the patch size, min-max normalised).
 
+    On an attention-pool model (SigLIP, PE-Core) the row is the pool's attention over the last block's tokens (mean
+    over heads and latent queries) times the product, ``P_pool A'_L ... A'_1``.
+
     The target is **ignored** (rollout explains the image embedding, not a text): every target gives the same map
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import Backbone, TokenGridBackbone, require
+from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer
 from ..explainers.legrad import LeGrad
 from ..grad_mode import require_grad_mode
@@ -89,7 +89,7 @@ class InversionResult:
     mask_loss_history: torch.Tensor = field(repr=False, default=None)
 
 
-Strategy = Literal["auto", "naive", "naive_lean", "per_step", "precomputed"]
+Strategy = Literal["auto", "naive", "naive_lean", "per_step", "precomputed", "attention_pool"]
 
 
 def uses_legrad_strategies(explainer: Explainer) -> bool:
@@ -118,8 +118,9 @@ class MaskInversion:
         alpha: weight of the ``1 - cos(LET, image embedding)`` regulariser.
         weight_decay: AdamW weight decay.
         strategy: how LeGrad maps are computed: ``"auto"`` (by cost and ``memory_budget_mb``; ``"explainer"`` for
-            explainers other than the official LeGrad), ``"naive"``, ``"naive_lean"``, ``"per_step"`` or
-            ``"precomputed"`` (see :mod:`regionembed.inversion.strategies`; these need the official LeGrad).
+            explainers other than the official LeGrad; ``"attention_pool"`` on an attention-pool head), ``"naive"``,
+            ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (SigLIP, SigLIP2, PE-Core; see
+            :mod:`regionembed.inversion.strategies`; these need the official LeGrad).
         memory_budget_mb: largest precomputed table ``auto`` may allocate.
 
     Raises:
@@ -208,6 +209,9 @@ class MaskInversion:
         if self.strategy != "auto":
             return self.strategy
         layers = self.explainer.layers
+        if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention: its own tabulated strategy
+            log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
+            return "attention_pool"
         issue = decomposition_issue(backbone, layers)
         if issue is not None:
             log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)

@@ -20,7 +20,13 @@ the explainer recomputed with ``create_graph`` at every step. Three strategies c
     evaluated once on the D basis vectors; each step is then one matrix product ``e @ P`` plus ``dO V^T``. Amortises
     over many masks and iterations at the price of ``D * T * C`` floats per layer.
 
-All three agree numerically (see ``tests/unit/test_strategies.py``).
+All three agree numerically (see ``tests/unit/test_strategies.py``). A fourth covers attention-pool heads
+(:class:`~regionembed.backbones.base.AttentionPoolHead` with a pool: SigLIP, SigLIP2, PE-Core), where LeGrad
+differentiates the pool's attention rather than a block's and the formulas above do not apply:
+
+``attention_pool``
+    The Jacobian of the normalised pooled feature with respect to the pool's attention is tabulated once per layer
+    and each step is one product (``tests/unit/test_open_clip_timm.py`` checks it against ``naive``).
 """
 
 from __future__ import annotations
@@ -363,11 +369,63 @@ class PrecomputedStrategy(PerStepStrategy):
         return (e @ self.tables[layer_index]).view(e.shape[0], terms.num_tokens, -1)
 
 
+class AttentionPoolStrategy(MapStrategy):
+    """LeGrad on an attention-pool head (SigLIP, PE-Core) from a table: one image forward, no autograd in the model.
+
+    The official recipe differentiates ``s = <e, normalize(f(P))>`` with respect to the pool's attention ``P``
+    (:meth:`~regionembed.backbones.base.AttentionPoolHead.attention_pool_embed` on a block's output, a constant for a
+    fixed image), so ``ds/dP = e @ J`` with ``J = d normalize(f) / dP`` ``[D, H*Q*T]`` per layer, tabulated once
+    (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
+    queries: a ``[N, D] x [D, H*Q*T]`` product (about 7 MB of table per layer for ViT-B-16-SigLIP at 224 px).
+    """
+
+    name = "attention_pool"
+    #: basis vectors per batched backward pass while tabulating
+    CHUNK = 64
+
+    def __init__(self, backbone, image, layers, num_masks, eps):
+        require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
+        if not uses_attention_pool(backbone):
+            raise UnsupportedModelError(
+                f"the attention_pool strategy needs an attention-pool head; {type(backbone).__name__} pools "
+                "otherwise: use strategy 'auto', 'per_step', 'precomputed' or 'naive'"
+            )
+        super().__init__(backbone, image, layers, num_masks, eps)
+        self.layers = backbone.layer_indices(layers)
+        with torch.no_grad(), AttentionRecorder(backbone.blocks, self.layers, leaf_probs=False) as rec:
+            tokens = backbone.forward_blocks(backbone.embed_tokens(image))
+            self.image_embedding = backbone.pool_tokens(tokens)
+        self.tables = []
+        for layer in self.layers:
+            with torch.enable_grad():
+                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out.detach())
+                features = F.normalize(embedding, dim=-1)[0]  # [D]
+                eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
+                rows = []
+                for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes, a chunk at a time (memory)
+                    (part,) = torch.autograd.grad(
+                        features, probs, grad_outputs=eye[i : i + self.CHUNK], is_grads_batched=True, retain_graph=True
+                    )
+                    rows.append(part.flatten(1))
+            self.tables.append(torch.cat(rows).detach())  # [D, H*Q*T']
+            self._shape = tuple(probs.shape[1:])
+
+    def maps(self, e):
+        patches = self.grid[0] * self.grid[1]
+        total = 0.0
+        for table in self.tables:
+            grad = (e @ table).view(e.shape[0], *self._shape)  # [N, H, Q, T']
+            total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+        grid_map = min_max(total.reshape(-1, 1, *self.grid), self.eps)
+        return F.interpolate(grid_map, scale_factor=self.backbone.patch_size, mode="bilinear")[:, 0]
+
+
 STRATEGIES: dict[str, type[MapStrategy]] = {
     "naive": NaiveStrategy,
     "naive_lean": NaiveLeanStrategy,
     "per_step": PerStepStrategy,
     "precomputed": PrecomputedStrategy,
+    "attention_pool": AttentionPoolStrategy,
 }
 
 
@@ -387,7 +445,10 @@ def decomposition_issue(backbone: Backbone, layers: Sequence[int]) -> str | None
     if not isinstance(backbone, TokenGridBackbone):
         return f"{type(backbone).__name__} is not a token-grid (vision transformer) backbone"
     if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention, not a block's
-        return "LeGrad explains an attention-pool head through the pool's attention, which the formulas do not cover"
+        return (
+            "LeGrad explains an attention-pool head through the pool's attention, which the formulas do not cover "
+            "(the attention_pool strategy does)"
+        )
     blocks = backbone.blocks
     for index in sorted({*backbone.layer_indices(layers), len(blocks) - 1}):
         if backbone.block_parts(blocks[index]) is None:
