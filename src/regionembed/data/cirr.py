@@ -14,6 +14,7 @@ None`` and grounding metrics are skipped.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from torch.utils.data import Dataset
 
 from ..io import load_image
 
-__all__ = ["CirrPair", "CirrTriplets", "load_annotation_json", "read_cirr_captions", "read_cirr_split"]
+__all__ = [
+    "CirrPair",
+    "CirrTriplets",
+    "annotation_entries",
+    "load_annotation_json",
+    "read_cirr_captions",
+    "read_cirr_split",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,21 @@ def load_annotation_json(path: Path, what: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+def annotation_entries(path: Path, what: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(index, entry)`` of a JSON list of objects that each have the ``required`` keys; a ``ValueError`` naming the
+    file and the entry otherwise (and the errors of :func:`load_annotation_json`)."""
+    data = load_annotation_json(path, what)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of pairs, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {i} is not an object")
+        missing = [k for k in required if k not in entry]
+        if missing:
+            raise ValueError(f"{path}: entry {i} misses {missing}")
+        yield i, entry
+
+
 def read_cirr_captions(path: str | Path) -> list[CirrPair]:
     """Read ``cap.rc2.<split>.json``: a list of pairs with ``pairid``, ``reference``, ``caption``, optional
     ``target_hard`` and ``img_set.members``.
@@ -56,16 +79,8 @@ def read_cirr_captions(path: str | Path) -> list[CirrPair]:
         ValueError: not JSON, not a list, or an entry misses a field or has the wrong type (naming the entry).
     """
     path = Path(path)
-    data = load_annotation_json(path, "CIRR captions")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of pairs, got {type(data).__name__}")
     pairs = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} is not an object")
-        missing = [k for k in ("pairid", "reference", "caption") if k not in entry]
-        if missing:
-            raise ValueError(f"{path}: entry {i} misses {missing}")
+    for i, entry in annotation_entries(path, "CIRR captions", ("pairid", "reference", "caption")):
         target = entry.get("target_hard")
         if not isinstance(entry["reference"], str) or not isinstance(entry["caption"], str):
             raise ValueError(f"{path}: entry {i}: `reference` and `caption` must be strings")

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..io import load_image
-from .cirr import load_annotation_json
+from .cirr import annotation_entries, load_annotation_json
 
 __all__ = ["FashionIqPair", "FashionIqTriplets", "join_captions", "read_fashioniq_captions", "read_fashioniq_split"]
 
@@ -49,16 +49,8 @@ def read_fashioniq_captions(path: str | Path) -> list[FashionIqPair]:
         ValueError: not JSON, not a list, or an entry misses a field or has the wrong type (naming the entry).
     """
     path = Path(path)
-    data = load_annotation_json(path, "FashionIQ captions")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of pairs, got {type(data).__name__}")
     pairs = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: entry {i} is not an object")
-        missing = [k for k in ("candidate", "captions") if k not in entry]
-        if missing:
-            raise ValueError(f"{path}: entry {i} misses {missing}")
+    for i, entry in annotation_entries(path, "FashionIQ captions", ("candidate", "captions")):
         caps = entry["captions"]
         if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
             raise ValueError(f"{path}: entry {i}: `captions` must be a non-empty list of strings")
