@@ -51,8 +51,9 @@ def test_builds_the_attention_pool_adapter_and_encodes_like_open_clip(coca):
         OpenCLIPViTBackbone("re-tiny-coca")  # the plain ViT adapter would ignore the pool's attention
 
 
-def _reference_pool(b, tokens):
-    """CoCa's pool written out from its parameters (independent of open_clip's forward and of the recorder)."""
+def _reference_pool(b, tokens, ln_post=True):
+    """CoCa's pool written out from its parameters (independent of open_clip's forward and of the recorder);
+    ``ln_post=False``: the official LeGrad's CoCa embedding (``compute_legrad_coca`` skips the final norm)."""
     v = b.model.visual
     pool, mha = v.attn_pool, v.attn_pool.attn
     x = F.layer_norm(tokens, tokens.shape[-1:], pool.ln_k.weight, pool.ln_k.bias, pool.ln_k.eps)
@@ -68,7 +69,8 @@ def _reference_pool(b, tokens):
     if not probs.requires_grad:
         probs.requires_grad_(True)
     out = (probs @ vh).transpose(1, 2).reshape(bsz, -1, e) @ mha.out_proj.weight.T + mha.out_proj.bias
-    out = F.layer_norm(out, out.shape[-1:], v.ln_post.weight, v.ln_post.bias, v.ln_post.eps)
+    if ln_post:
+        out = F.layer_norm(out, out.shape[-1:], v.ln_post.weight, v.ln_post.bias, v.ln_post.eps)
     return out[:, 0] @ v.proj, probs
 
 
@@ -87,6 +89,10 @@ def test_attention_pool_embed_and_the_recorder_guarantees(coca):
     torch.testing.assert_close(embedding, ref_embedding, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    legrad_embedding, legrad_probs = coca.legrad_pool_embed(tokens)  # LeGrad's CoCa score: no ln_post
+    torch.testing.assert_close(legrad_embedding, _reference_pool(coca, tokens, ln_post=False)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(legrad_probs, ref_probs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(legrad_embedding, embedding, atol=1e-3)
     (grad,) = torch.autograd.grad(embedding.sum(), probs)  # a leaf on the graph although the model is frozen
     assert grad.abs().sum() > 0
     # nothing left behind: same Parameters, same keys, no patched forward, no hooks
@@ -103,19 +109,21 @@ def test_recorder_on_the_pool_is_loud_on_an_unknown_open_clip(coca, monkeypatch)
 
 
 def _reference_legrad(b, image, targets, layers):
-    """The official SigLIP/CoCa LeGrad recipe, written out with the reference pool above."""
+    """The official CoCa LeGrad recipe (``legrad.LeWrapper.compute_legrad_coca``), written out with the reference pool
+    above: the raw score ``<e, pool(tokens_l)[:, 0] @ proj>`` (no ln_post, no normalisation), the first query's
+    row of the pool's attention gradient, each layer's map upsampled, the sum min-max normalised."""
     grid = b.grid_size(tuple(image.shape[-2:]))
     total = 0.0
     with AttentionRecorder(b.blocks, layers) as rec:  # only for the block outputs
         b.forward_blocks(b.embed_tokens(image))
     for layer in b.layer_indices(layers):
-        embedding, probs = _reference_pool(b, rec.records[layer].out)
-        (grad,) = torch.autograd.grad((targets * F.normalize(embedding, dim=-1)).sum(), probs)
-        total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, 1:].reshape(-1, 1, *grid)  # [CLS] column dropped
-    flat = total.flatten(1)  # min-max on the token grid, then bilinear upsampling (the official order)
+        embedding, probs = _reference_pool(b, rec.records[layer].out, ln_post=False)
+        (grad,) = torch.autograd.grad((targets * embedding).sum(), probs)
+        relevance = grad.clamp_min(0).mean(dim=1)[:, 0, 1:].reshape(-1, 1, *grid)  # query 0, [CLS] column dropped
+        total = total + F.interpolate(relevance, scale_factor=b.patch_size, mode="bilinear")[:, 0]
+    flat = total.flatten(1)  # upsampled first, then min-max (the official CoCa order)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    grid_map = ((flat - lo) / (hi - lo)).view_as(total)
-    return F.interpolate(grid_map, scale_factor=b.patch_size, mode="bilinear")[:, 0]
+    return ((flat - lo) / (hi - lo)).view_as(total)
 
 
 @pytest.mark.parametrize("layers", [(-1,), (0, 1)])
@@ -161,8 +169,7 @@ def test_mask_inversion_on_coca(coca, caplog):
     masks = torch.zeros(2, 32, 32)
     masks[0, :16], masks[1, :, 16:] = 1, 1
     with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
-        # layers (0, 1): at the start (the image's own embedding) the last layer's pool score is the embedding itself,
-        # whose cosine has no gradient; an earlier layer gives the optimisation a direction
+        # two layers: the sum over layers and the strategy's per-layer tables are exercised
         result = MaskInversion(explainer=LeGrad(layers=(0, 1)), iterations=8)(coca, image, masks)
     assert result.strategy == "attention_pool" and "attention-pool head" in caplog.text
     assert result.loss_history[-1] < result.loss_history[0] - 0.1
@@ -184,11 +191,10 @@ def test_mask_inversion_on_coca(coca, caplog):
         strategy.close()
     torch.testing.assert_close(out["attention_pool"][0], out["naive"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out["attention_pool"][1], out["naive"][1], rtol=1e-4, atol=1e-3)
-    # and whole runs agree where the start is well posed: explaining CoCa's last block, the start's pool score is the
-    # image embedding itself, its gradient w.r.t. the pool's attention is rounding noise and the ReLU's signs with it,
-    # so runs that include the last block follow that noise in either strategy
+    # and whole runs agree, the last block included: the official CoCa score is the raw <e, pool @ proj> (a cosine
+    # would have no gradient at the start, where the target is the image embedding itself, and leave rounding noise)
     runs = {
-        name: MaskInversion(LeGrad(layers=(0,)), strategy=name, iterations=6)(coca, image, masks)
+        name: MaskInversion(LeGrad(layers=(-1,)), strategy=name, iterations=6)(coca, image, masks)
         for name in ("naive", "attention_pool")
     }
     torch.testing.assert_close(runs["attention_pool"].loss_history, runs["naive"].loss_history, rtol=0, atol=1e-5)

@@ -315,6 +315,11 @@ class AttentionPoolHead(abc.ABC):
 
     capability = "a backbone with an attention-pool head"
 
+    #: which official LeGrad recipe explains this head (:mod:`regionembed.explainers.legrad`): ``"siglip"`` (the
+    #: score on the normalised embedding; min-max on the token grid, then upsampling) or ``"coca"`` (official
+    #: ``compute_legrad_coca``: the raw score on :meth:`legrad_pool_embed`; upsampling, then min-max)
+    legrad_recipe: str = "siglip"
+
     @property
     def has_attention_pool(self) -> bool:
         """Whether this model pools with its attention pool (an adapter class may also carry towers that pool with a
@@ -335,6 +340,12 @@ class AttentionPoolHead(abc.ABC):
             ``T'`` is all ``T`` tokens (prefix first) or only the patch tokens (a pool that skips the prefix); the
             patch tokens are always the last ``h * w``.
         """
+
+    def legrad_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding LeGrad scores and the pool's attention, ``[B, T, C] -> ([B, D], [B, H, Q, T'])``; by default
+        :meth:`attention_pool_embed` (a head whose official LeGrad recipe leaves out part of the head overrides it).
+        """
+        return self.attention_pool_embed(tokens)
 
 
 def uses_attention_pool(backbone: Backbone) -> bool:

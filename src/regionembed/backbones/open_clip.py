@@ -537,10 +537,26 @@ class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
         out = visual.ln_post(out)
         return out @ visual.proj if visual.proj is not None else out
 
+    legrad_recipe = "coca"
+
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._recorded_pool(tokens, self.pool_tokens)
+
+    def legrad_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official LeGrad's CoCa embedding (``legrad.LeWrapper.compute_legrad_coca``): the pool's first query
+        times ``proj``, without ``ln_post`` (unlike :meth:`attention_pool_embed`, the model's own route)."""
+        visual = self.model.visual
+
+        def first_query(x: torch.Tensor) -> torch.Tensor:
+            out = visual.attn_pool(x)[:, 0]
+            return out @ visual.proj if visual.proj is not None else out
+
+        return self._recorded_pool(tokens, first_query)
+
+    def _recorded_pool(self, tokens: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self.model.visual.attn_pool
         with AttentionRecorder([pool], [0]) as rec:
-            embedding = self.pool_tokens(tokens)
+            embedding = head(tokens)
         probs = rec.records[0].probs
         if probs is None:  # the pooler no longer calls its attention module: an open_clip this was not written for
             raise UnsupportedModelError(f"{self.model_name}: the attentional pooler's attention could not be recorded")

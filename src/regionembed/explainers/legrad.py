@@ -5,12 +5,14 @@ Two recipes, as the official implementation has them:
 * a [CLS]- or mean-pooled ViT: for each explained block ``l``, the score ``<e, normalize(head(mean tokens of
   block l))>`` is differentiated with respect to block ``l``'s own self-attention probabilities;
 * a model with an attention-pool head (:class:`~regionembed.backbones.base.AttentionPoolHead`: CoCa, SigLIP's "map",
-  PE), the official recipe for SigLIP/CoCa: for each explained block ``l``, the *pool* (with its norm and
-  projection) is applied to block ``l``'s output tokens, ``s = <e, normalize(pool(tokens_l))>``, and ``s`` is
-  differentiated with respect to the **pool's** attention probabilities ``[B, H, Q, T]``; ReLU, mean over heads
-  and queries, the last ``h*w`` (patch) columns summed over layers, min-max normalised on the token grid and then
-  upsampled bilinearly by the patch size (the official code's order). The official code's optional "empty text"
-  correction (``apply_correction``, off by default there) is not applied.
+  PE), the official recipes for SigLIP and CoCa: for each explained block ``l``, the *pool* is applied to block
+  ``l``'s output tokens and the score is differentiated with respect to the **pool's** attention probabilities
+  ``[B, H, Q, T]``; ReLU, mean over heads and queries, the last ``h*w`` (patch) columns summed over layers.
+  SigLIP (``compute_legrad_siglip``): ``s = <e, normalize(head(tokens_l))>`` (the pool with its norm and
+  projection), min-max normalised on the token grid, then upsampled bilinearly by the patch size. CoCa
+  (``compute_legrad_coca``, chosen by the backbone's ``legrad_recipe``): the raw ``s = <e, pool(tokens_l)[:, 0] @
+  proj>`` (no ``ln_post``, no normalisation; only the first query's row has a gradient), upsampled, then min-max
+  normalised. The official SigLIP code's optional "empty text" correction (``apply_correction``) is not applied.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attentio
 from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max, relevance_to_map
 
-__all__ = ["LeGrad", "legrad_layer_features", "record_layers"]
+__all__ = ["LeGrad", "attention_pool_features", "attention_pool_map", "legrad_layer_features", "record_layers"]
 
 
 def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]) -> AttentionRecorder:
@@ -60,7 +62,7 @@ class LeGrad(Explainer):
     prefix ([CLS]) key columns; reshape to the patch grid; bilinear upsampling by the patch size. Maps of all layers
     are summed and min-max normalised per map. On a backbone with an attention-pool head (``pooling="mean"``) the
     score goes through the pool and the gradient is taken with respect to the pool's attention (the official
-    SigLIP/CoCa recipe, see the module docstring).
+    SigLIP or CoCa recipe, see the module docstring).
 
     Args:
         layers: block indices to explain (negative allowed); the official default for MaskInversion is the last.
@@ -115,16 +117,43 @@ class LeGrad(Explainer):
         return min_max(total, self.eps)
 
     def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
-        """The official LeGrad for attention-pool heads (SigLIP; CoCa alike), see the module docstring."""
+        """The official LeGrad for attention-pool heads (SigLIP or CoCa recipe), see the module docstring."""
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
-                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out)  # probs [B, H, Q, T]
-                score = (targets * F.normalize(embedding, dim=-1)).sum()
+                features, probs = attention_pool_features(backbone, rec.records[layer].out)  # probs [B, H, Q, T]
+                score = (targets * features).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
                 (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
                 patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
                 total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
-        # as the official code: min-max on the token grid, then bilinear upsampling by the patch size
-        grid_map = min_max(total.reshape(-1, 1, *grid), self.eps)
-        return F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0]
+        return attention_pool_map(backbone, total, grid, self.eps)
+
+
+def attention_pool_features(backbone: Backbone, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LeGrad's per-layer feature on an attention-pool head and the pool's attention it is differentiated by.
+
+    Args:
+        tokens: ``[B, T, C]`` output of a block.
+
+    Returns:
+        ``(features [B, D], probs [B, H, Q, T'])``: ``normalize(attention_pool_embed(tokens))`` (official SigLIP
+        recipe) or, on a ``legrad_recipe == "coca"`` head, ``legrad_pool_embed(tokens)`` as it is (official
+        ``compute_legrad_coca`` scores ``<e, pool(tokens)[:, 0] @ proj>``: no ``ln_post``, no normalisation).
+    """
+    embedding, probs = backbone.legrad_pool_embed(tokens)
+    if backbone.legrad_recipe == "coca":
+        return embedding, probs
+    return F.normalize(embedding, dim=-1), probs
+
+
+def attention_pool_map(backbone: Backbone, relevance: torch.Tensor, grid: tuple[int, int], eps: float) -> torch.Tensor:
+    """Patch relevance summed over layers ``[B, h*w]`` -> maps ``[B, h*p, w*p]`` in the official recipe's order.
+
+    SigLIP: min-max on the token grid, then bilinear upsampling by the patch size; CoCa: upsampling, then min-max
+    (bilinear upsampling is linear, so upsampling the sum equals the official sum of upsampled layer maps).
+    """
+    grid_map = relevance.reshape(-1, 1, *grid)
+    if backbone.legrad_recipe == "coca":
+        return min_max(F.interpolate(grid_map, scale_factor=backbone.patch_size, mode="bilinear")[:, 0], eps)
+    return F.interpolate(min_max(grid_map, eps), scale_factor=backbone.patch_size, mode="bilinear")[:, 0]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..backbones.attention import AttentionRecorder, UnsupportedModelError
 from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attention_pool
 from ..explainers.base import Explainer, min_max, relevance_to_map
-from ..explainers.legrad import LeGrad
+from ..explainers.legrad import LeGrad, attention_pool_features, attention_pool_map
 
 __all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "decomposition_issue", "estimate_costs"]
 
@@ -370,11 +370,12 @@ class PrecomputedStrategy(PerStepStrategy):
 
 
 class AttentionPoolStrategy(MapStrategy):
-    """LeGrad on an attention-pool head (SigLIP, PE-Core) from a table: one image forward, no autograd in the model.
+    """LeGrad on an attention-pool head (SigLIP, PE-Core, CoCa): one image forward, a table, no autograd in the model.
 
-    The official recipe differentiates ``s = <e, normalize(f(P))>`` with respect to the pool's attention ``P``
-    (:meth:`~regionembed.backbones.base.AttentionPoolHead.attention_pool_embed` on a block's output, a constant for a
-    fixed image), so ``ds/dP = e @ J`` with ``J = d normalize(f) / dP`` ``[D, H*Q*T]`` per layer, tabulated once
+    The official recipe differentiates ``s = <e, g(P)>`` with respect to the pool's attention ``P``
+    (:func:`~regionembed.explainers.legrad.attention_pool_features` on a block's output, a constant for a fixed
+    image: ``g = normalize(f)`` for SigLIP, the raw CoCa pool embedding for CoCa), so ``ds/dP = e @ J`` with
+    ``J = dg / dP`` ``[D, H*Q*T]`` per layer, tabulated once
     (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
     queries: a ``[N, D] x [D, H*Q*T]`` product (about 7 MB of table per layer for ViT-B-16-SigLIP at 224 px).
     """
@@ -398,8 +399,8 @@ class AttentionPoolStrategy(MapStrategy):
         self.tables = []
         for layer in self.layers:
             with torch.enable_grad():
-                embedding, probs = backbone.attention_pool_embed(rec.records[layer].out.detach())
-                features = F.normalize(embedding, dim=-1)[0]  # [D]
+                features, probs = attention_pool_features(backbone, rec.records[layer].out.detach())
+                features = features[0]  # [D]
                 eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
                 rows = []
                 for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes, a chunk at a time (memory)
@@ -416,8 +417,7 @@ class AttentionPoolStrategy(MapStrategy):
         for table in self.tables:
             grad = (e @ table).view(e.shape[0], *self._shape)  # [N, H, Q, T']
             total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
-        grid_map = min_max(total.reshape(-1, 1, *self.grid), self.eps)
-        return F.interpolate(grid_map, scale_factor=self.backbone.patch_size, mode="bilinear")[:, 0]
+        return attention_pool_map(self.backbone, total, self.grid, self.eps)
 
 
 STRATEGIES: dict[str, type[MapStrategy]] = {
