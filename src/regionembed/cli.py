@@ -134,7 +134,8 @@ class _RegionembedCLI(LightningCLI):
         if ckpt and ckpt not in ("last", "best", "hpc") and not Path(ckpt).expanduser().is_file():
             raise ValueError(
                 f"checkpoint not found: ckpt_path={ckpt}. It is written by a training run (`python train.py fit "
-                "--config configs/train/...yaml`, see this config's header); `--ckpt_path=null` evaluates the "
+                "--config configs/train/...yaml`, or `regionembed-train fit --config regionembed:train/...yaml` from "
+                "an installed package; see this config's header); `--ckpt_path=null` evaluates the "
                 "model as configured instead (e.g. the zero-shot backbone)"
             )
 

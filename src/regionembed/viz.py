@@ -22,8 +22,7 @@ def overlay_map(
     colormap: int = cv2.COLORMAP_JET,
 ) -> np.ndarray:
     """Blend a ``[h, w]`` map in [0, 1] (resized bilinearly to the image) over an RGB image; optionally outline a
-    mask in white (any resolution of the same uncropped frame,
-    resized to the image).
+    mask in white (any resolution of the same uncropped frame, resized to the image).
 
     Args:
         image: the RGB image.

@@ -27,6 +27,7 @@ from regionembed.backbones import (
 from regionembed.backbones import hf as hf_module
 from regionembed.backbones.weights import PretrainedWeightsUnavailable
 from regionembed.explainers import AttentionRollout, GradAttention, GradCAM, LeGrad, ScoreCAM, VLScore
+from regionembed.explainers.gradcam import layer_activations
 from regionembed.inversion import MaskInversion
 from regionembed.inversion.strategies import decomposition_issue
 
@@ -214,9 +215,10 @@ def test_pool_recorder_guarantees(backbones):
     tokens = b.forward_blocks(b.embed_tokens(torch.randn(2, 3, SIZE, SIZE))).detach()
     with torch.no_grad():
         ref = b.pool_tokens(tokens)
-        torch.testing.assert_close(head(tokens), b.attention_pool_embed(tokens)[0], rtol=0, atol=2e-6)
-    # as the official LeGrad the pool reads the raw block output; with the final norm it is the model's embedding
-    emb, probs = b.attention_pool_embed(b.model.vision_model.post_layernorm(tokens))
+        # LeGrad's score (official SigLIP recipe): the head on the raw block output, without the final norm
+        torch.testing.assert_close(head(tokens), b.legrad_pool_embed(tokens)[0], rtol=0, atol=2e-6)
+    # the model's own route (post_layernorm, then the head): the model's embedding
+    emb, probs = b.attention_pool_embed(tokens)
     torch.testing.assert_close(emb, ref, rtol=0, atol=2e-6)
     assert probs.shape == (2, 2, 1, (SIZE // PATCH) ** 2)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 1))
@@ -327,7 +329,9 @@ def test_rollout_on_siglip_ends_with_the_pool_row(backbones):
     n = len(b.blocks)
     with torch.no_grad(), AttentionRecorder(b.blocks, range(n), leaf_probs=False) as rec:
         tokens = b.forward_blocks(b.embed_tokens(image))
-        _, pool = b.attention_pool_embed(tokens)
+        with MHAPoolRecorder(b.model.vision_model.head.attention) as pool_rec:
+            b.pool_tokens(tokens)  # the pool's attention as the model pools
+        pool = pool_rec.record.probs
     roll = None
     for layer in range(n):
         a = 0.5 * rec[layer].probs.mean(1) + 0.5 * torch.eye(tokens.shape[1])
@@ -458,3 +462,11 @@ def test_gradcam_drives_maskinversion(backbones, family):
     masks[1, 24:, 8:] = 1
     res = MaskInversion(GradCAM(normalize=False), iterations=4)(b, image, masks)
     assert res.strategy == "explainer" and res.loss_history[-1] < res.loss_history[0] - 0.05
+
+
+def test_gradcam_twice_differentiable_path_scores_the_model_embedding(backbones):
+    """Grad-CAM inside MaskInversion (create_graph) runs the pool explicitly: it must score the model's embedding."""
+    b = backbones["siglip"]
+    image = torch.randn(2, 3, SIZE, SIZE)
+    twice = layer_activations(b, image, None, twice_differentiable=True).embedding
+    torch.testing.assert_close(twice, b.encode_image(image), rtol=0, atol=2e-5)

@@ -20,6 +20,7 @@ from regionembed.backbones import (
 )
 from regionembed.backbones.alpha import alpha_from_masks
 from regionembed.explainers import AttentionRollout, GradCAM, LeGrad, ScoreCAM
+from regionembed.explainers.gradcam import layer_activations
 from regionembed.inversion import MaskInversion
 from regionembed.inversion.strategies import STRATEGIES
 from regionembed.regions import MaskPoolEmbedding
@@ -220,3 +221,10 @@ def test_coca_vit_b_32_builds_and_explains():
     image, targets = _inputs(b, n=1)
     maps = LeGrad()(b, image, targets)
     assert maps.shape == (1, 224, 224) and torch.isfinite(maps).all()
+
+
+def test_gradcam_twice_differentiable_path_scores_the_model_embedding(coca):
+    """Grad-CAM inside MaskInversion (create_graph) runs the pool explicitly: it must score the model's embedding."""
+    image = torch.randn(2, 3, 32, 32)
+    twice = layer_activations(coca, image, None, twice_differentiable=True).embedding
+    torch.testing.assert_close(twice, coca.encode_image(image), rtol=0, atol=2e-5)

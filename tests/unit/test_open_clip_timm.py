@@ -21,6 +21,7 @@ from regionembed.backbones.attention import attention_pool_forward
 from regionembed.backbones.base import AttentionPoolHead, TokenGridBackbone, uses_attention_pool
 from regionembed.backbones.open_clip import _adapter_class
 from regionembed.explainers import AttentionRollout, GradAttention, GradCAM, LeGrad, ScoreCAM, VLScore
+from regionembed.explainers.gradcam import layer_activations
 from regionembed.inversion import MaskInversion
 
 FAMILIES = ("siglip", "eva02", "pe")
@@ -272,15 +273,16 @@ def test_attention_pool_forward_is_the_pool(timm_towers, fused, monkeypatch):
         assert not pool._forward_hooks and "forward" not in pool.__dict__
 
 
-def test_attention_pool_embed_is_the_model_route_without_the_final_norm(timm_towers):
+def test_attention_pool_embed_is_the_model_route_and_legrad_skips_the_final_norm(timm_towers):
     for name in ("siglip", "pe"):
         b = timm_towers[name]
         tokens = b.forward_blocks(b.embed_tokens(torch.randn(2, 3, 32, 32)))
-        emb, _ = b.attention_pool_embed(tokens)
         trunk = b.trunk
+        # the model's own embedding (final norm, pool, head)
+        torch.testing.assert_close(b.attention_pool_embed(tokens)[0], b.pool_tokens(tokens), rtol=0, atol=2e-6)
+        # LeGrad's score (official SigLIP recipe): the pool on the raw block output
+        emb, _ = b.legrad_pool_embed(tokens)
         torch.testing.assert_close(emb, trunk.head(trunk.fc_norm(trunk.attn_pool(tokens))), rtol=0, atol=2e-6)
-        # with the final norm first it is the model's own embedding
-        torch.testing.assert_close(b.attention_pool_embed(trunk.norm(tokens))[0], b.pool_tokens(tokens))
 
 
 # ------------------------------------------------------------------------------------------------- LeGrad
@@ -372,7 +374,6 @@ def test_rollout_on_attention_pool_uses_the_pool_row(timm_towers):
     eye = torch.eye(16)
     a = [0.5 * rec[i].probs.mean(1)[0] + 0.5 * eye for i in (0, 1)]
     a = [m / m.sum(-1, keepdim=True) for m in a]
-    row = b.trunk.attn_pool.kv  # noqa: F841 - the pool's probabilities come from attention_pool_embed
     pool = b.attention_pool_embed(tokens)[1].mean(dim=(1, 2))[0]
     rel = pool @ (a[1] @ a[0])
     ref = F.interpolate(rel.view(1, 1, 4, 4), scale_factor=8, mode="bilinear")[0, 0]
@@ -426,7 +427,8 @@ def test_attention_pool_strategy_agrees_with_naive(timm_towers, name, layers):
 
 
 def test_attention_pool_strategy_refused_without_a_pool(timm_towers):
-    with pytest.raises(UnsupportedModelError, match="per_step"):
+    # EVA02 has no decomposition either: the message names only what runs on it
+    with pytest.raises(UnsupportedModelError, match=r"otherwise: use strategy 'auto' or 'naive'$"):
         MaskInversion(strategy="attention_pool", iterations=1)(timm_towers["eva02"], torch.randn(1, 3, 32, 32), _mask())
 
 
@@ -565,3 +567,12 @@ def test_other_image_sizes_match_timms_dynamic_size_path(timm_towers):
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         torch.testing.assert_close(b.encode_image(x), trunk(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["siglip", "pe"])
+def test_gradcam_twice_differentiable_path_scores_the_model_embedding(timm_towers, name):
+    """Grad-CAM inside MaskInversion (create_graph) runs the pool explicitly: it must score the model's embedding."""
+    b = timm_towers[name]
+    image = torch.randn(2, 3, 32, 32)
+    twice = layer_activations(b, image, None, twice_differentiable=True).embedding
+    torch.testing.assert_close(twice, b.encode_image(image), rtol=0, atol=2e-5)

@@ -276,6 +276,11 @@ class HFBackbone(TokenGridBackbone, AttentionPoolHead):
         return self.family == "siglip"
 
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own route (``post_layernorm``, then the attention-pool head), as :meth:`pool_tokens`, with the
+        pool's attention kept (SigLIP only)."""
+        return self.legrad_pool_embed(self.model.vision_model.post_layernorm(tokens))
+
+    def legrad_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SigLIP's attention-pool head applied to one block's output, with the pool's attention kept.
 
         As the official LeGrad for SigLIP, the tower's final norm before the pool (``post_layernorm``) is *not*

@@ -216,6 +216,12 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
         return getattr(self.trunk, "attn_pool", None) is not None
 
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own route (final norm, pool, head), as :meth:`pool_tokens`, with the pool's attention kept."""
+        return self.legrad_pool_embed(self.trunk.norm(tokens))
+
+    def legrad_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official LeGrad's SigLIP score: the pool and head on a block's raw output, without the tower's final
+        norm (``trunk.norm``), with the pool's attention kept."""
         pool = getattr(self.trunk, "attn_pool", None)
         if pool is None:
             raise UnsupportedModelError(

@@ -19,16 +19,14 @@ class AttentionRollout(Explainer):
     the product ``A'_L ... A'_1`` is taken and its [CLS] row, restricted to the patch columns, is the map (bilinearly
     upsampled by the patch size, min-max normalised).
 
-    On an attention-pool model (SigLIP, PE-Core) the row is the pool's attention over the last block's tokens (mean
-    over heads and latent queries) times the product, ``P_pool A'_L ... A'_1``.
-
     The target is **ignored** (rollout explains the image embedding, not a text): every target gives the same map
     for an image. It is here as the classic class-agnostic reference; it needs a ViT (the attention recorder reads the
     probabilities, :class:`~regionembed.backbones.AttentionRecorder`).
 
     On a model whose embedding comes from an attention-pool head (:func:`~regionembed.backbones.uses_attention_pool`:
-    SigLIP, which has no [CLS] token, CoCa) the [CLS] row is not what the embedding reads: the pool's attention over
-    the last block's tokens (mean over heads and queries) is the last step of the product and its row is the map.
+    SigLIP, PE-Core, CoCa, HF SigLIP) the [CLS] row is not what the embedding reads: the pool's attention as the model
+    pools (:meth:`~regionembed.backbones.AttentionPoolHead.attention_pool_embed`, over the last block's tokens, mean
+    over heads and queries) is the last step of the product, ``P_pool A'_L ... A'_1``, and its row is the map.
 
     Args:
         start_layer: first block included (0: all blocks; some works skip the first few).

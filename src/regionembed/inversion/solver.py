@@ -119,8 +119,9 @@ class MaskInversion:
         weight_decay: AdamW weight decay.
         strategy: how LeGrad maps are computed: ``"auto"`` (by cost and ``memory_budget_mb``; ``"explainer"`` for
             explainers other than the official LeGrad; ``"attention_pool"`` on an attention-pool head), ``"naive"``,
-            ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (SigLIP, SigLIP2, PE-Core; see
-            :mod:`regionembed.inversion.strategies`; these need the official LeGrad).
+            ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (attention-pool heads:
+            SigLIP, SigLIP2, PE-Core, CoCa, HF SigLIP; see :mod:`regionembed.inversion.strategies`; these need the
+            official LeGrad).
         memory_budget_mb: largest precomputed table ``auto`` may allocate.
 
     Raises:
@@ -196,7 +197,7 @@ class MaskInversion:
         layers = getattr(self.explainer, "layers", None)
         if isinstance(self.explainer, LeGrad):
             require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
-        if isinstance(self.explainer, LeGrad) and layers is not None:
+        if isinstance(self.explainer, LeGrad):
             try:
                 backbone.layer_indices(layers)
             except ValueError as err:

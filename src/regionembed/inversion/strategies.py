@@ -21,12 +21,13 @@ the explainer recomputed with ``create_graph`` at every step. Three strategies c
     over many masks and iterations at the price of ``D * T * C`` floats per layer.
 
 All three agree numerically (see ``tests/unit/test_strategies.py``). A fourth covers attention-pool heads
-(:class:`~regionembed.backbones.base.AttentionPoolHead` with a pool: SigLIP, SigLIP2, PE-Core), where LeGrad
-differentiates the pool's attention rather than a block's and the formulas above do not apply:
+(:class:`~regionembed.backbones.base.AttentionPoolHead` with a pool: SigLIP, SigLIP2, PE-Core, CoCa, HF SigLIP), where
+LeGrad differentiates the pool's attention rather than a block's and the formulas above do not apply:
 
 ``attention_pool``
-    The Jacobian of the normalised pooled feature with respect to the pool's attention is tabulated once per layer
-    and each step is one product (``tests/unit/test_open_clip_timm.py`` checks it against ``naive``).
+    The Jacobian of LeGrad's pooled score (normalised, or raw on CoCa as the official recipe) with respect to the
+    pool's attention is tabulated once per layer and each step is one product (``tests/unit/test_open_clip_timm.py``
+    checks it against ``naive``).
 """
 
 from __future__ import annotations
@@ -145,11 +146,6 @@ class ExplainerStrategy(MapStrategy):
 
     def __init__(self, backbone, image, num_masks, explainer: Explainer):
         super().__init__(backbone, image, (), num_masks, getattr(explainer, "eps", 1e-12))
-        if not explainer.differentiable:
-            raise ValueError(
-                f"{type(explainer).__name__} is not differentiable and cannot drive MaskInversion; "
-                "use a differentiable explainer such as LeGrad"
-            )
         self.explainer = explainer
         self.image = image
         with torch.no_grad():
@@ -387,9 +383,11 @@ class AttentionPoolStrategy(MapStrategy):
     def __init__(self, backbone, image, layers, num_masks, eps):
         require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
         if not uses_attention_pool(backbone):
+            fits = decomposition_issue(backbone, layers) is None
+            others = "'auto', 'per_step', 'precomputed' or 'naive'" if fits else "'auto' or 'naive'"
             raise UnsupportedModelError(
                 f"the attention_pool strategy needs an attention-pool head; {type(backbone).__name__} pools "
-                "otherwise: use strategy 'auto', 'per_step', 'precomputed' or 'naive'"
+                f"otherwise: use strategy {others}"
             )
         super().__init__(backbone, image, layers, num_masks, eps)
         self.layers = backbone.layer_indices(layers)
