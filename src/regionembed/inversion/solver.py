@@ -194,14 +194,14 @@ class MaskInversion:
             UnsupportedModelError: LeGrad maps on a backbone without a token grid (names the alternative).
             ValueError: naming ``layers`` and the model's number of blocks.
         """
-        layers = getattr(self.explainer, "layers", None)
-        if isinstance(self.explainer, LeGrad):
-            require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
-        if isinstance(self.explainer, LeGrad):
-            try:
-                backbone.layer_indices(layers)
-            except ValueError as err:
-                raise ValueError(f"layers={list(layers)}: {err} (negative indices count from the end)") from err
+        if not isinstance(self.explainer, LeGrad):
+            return
+        require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
+        layers = self.explainer.layers
+        try:
+            backbone.layer_indices(layers)
+        except ValueError as err:
+            raise ValueError(f"layers={list(layers)}: {err} (negative indices count from the end)") from err
 
     def plan(self, backbone: Backbone, image_size: int, num_masks: int) -> str:
         """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``."""
