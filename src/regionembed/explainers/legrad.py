@@ -103,31 +103,26 @@ class LeGrad(Explainer):
         rec = recorder if recorder is not None else record_layers(backbone, image, self.layers)
         grid = backbone.grid_size(tuple(image.shape[-2:]))
         layers = backbone.layer_indices(self.layers)
-        if self.pooling == "mean" and uses_attention_pool(backbone):
-            return self._explain_attention_pool(backbone, rec, layers, targets, grid, create_graph, recorder)
+        # an attention-pool head (official SigLIP/CoCa recipe): the gradient goes into the pool's attention over the
+        # block's output instead of the block's own attention
+        pool = self.pooling == "mean" and uses_attention_pool(backbone)
+        patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix tokens)
         total = 0.0
         with torch.enable_grad():
             for i, layer in enumerate(layers):
                 record = rec.records[layer]
-                score = (targets * legrad_layer_features(backbone, record.out, self.pooling)).sum()
-                retain = create_graph or recorder is not None or i < len(layers) - 1
-                (grad,) = torch.autograd.grad(score, record.probs, create_graph=create_graph, retain_graph=retain)
-                relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, backbone.num_prefix_tokens :]
-                total = total + relevance_to_map(relevance, grid, backbone.patch_size)
-        return min_max(total, self.eps)
-
-    def _explain_attention_pool(self, backbone, rec, layers, targets, grid, create_graph, recorder) -> torch.Tensor:
-        """The official LeGrad for attention-pool heads (SigLIP or CoCa recipe), see the module docstring."""
-        total = 0.0
-        with torch.enable_grad():
-            for i, layer in enumerate(layers):
-                features, probs = attention_pool_features(backbone, rec.records[layer].out)  # probs [B, H, Q, T]
+                if pool:
+                    features, probs = attention_pool_features(backbone, record.out)  # probs [B, H, Q, T']
+                else:
+                    features, probs = legrad_layer_features(backbone, record.out, self.pooling), record.probs
                 score = (targets * features).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
                 (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)
-                patches = grid[0] * grid[1]  # the last h*w columns (a pool may or may not read the prefix)
-                total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
-        return attention_pool_map(backbone, total, grid, self.eps)
+                relevance = grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+                total = total + (relevance if pool else relevance_to_map(relevance, grid, backbone.patch_size))
+        if pool:
+            return attention_pool_map(backbone, total, grid, self.eps)
+        return min_max(total, self.eps)
 
 
 def attention_pool_features(backbone: Backbone, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
