@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from regionembed.backbones import OpenCLIPBackbone
-from regionembed.backbones.weights import PretrainedWeightsUnavailable, load_lightning_backbone_state
+from regionembed.backbones.weights import PretrainedWeightsUnavailable, load_lightning_backbone_state, weights_error
 from regionembed.callbacks import InversionWriter
 from regionembed.cli import infer_main, train_main
 from regionembed.data import RegionFolderDataModule
@@ -473,7 +474,7 @@ def weights(tmp_path):
     save_file({k: v.contiguous() for k, v in small.items()}, d / "small.safetensors")
     data = (d / "small.safetensors").read_bytes()
     (d / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    (d / "random.pt").write_bytes(os.urandom(512))
+    (d / "random.pt").write_bytes(_GARBAGE[0])
     (d / "empty.bin").write_bytes(b"")
 
     class Evil:
@@ -511,6 +512,24 @@ def test_bad_weights_name_the_file(weights, name, message, capsys):
     )
     assert name in line
     assert not marker.exists()
+
+
+# Seeded garbage whose weights-only unpickling fails with other error types than UnpicklingError (IndexError,
+# KeyError, UnicodeDecodeError): CI once drew such bytes from os.urandom and got "does not fit the architecture".
+_GARBAGE = [random.Random(seed).randbytes(512) for seed in range(200)]
+
+
+def test_garbage_weights_are_unreadable_whatever_the_unpickler_raises(tmp_path):
+    kinds = set()
+    for i, blob in enumerate(_GARBAGE):
+        path = tmp_path / f"g{i}.pt"
+        path.write_bytes(blob)
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            kinds.add(type(err).__name__)
+            assert str(weights_error(path, err, "re-tiny-vit")).startswith(f"cannot read weights file {path}")
+    assert {"UnpicklingError", "IndexError", "KeyError", "UnicodeDecodeError"} <= kinds  # the test covers them
 
 
 def test_malicious_pickles_never_run(weights, tmp_path):

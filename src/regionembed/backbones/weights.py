@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 from pathlib import Path
 
@@ -48,9 +47,6 @@ def resolve_local_file(pretrained: str) -> str:
     return str(path)
 
 
-_READ_ERROR_HINTS = ("PytorchStreamReader", "Weights only load failed", "invalid load key", "deserializing header")
-
-
 def _short(err: BaseException) -> str:
     """One informative line of a loading error (torch's weights-only text is a page that advises unsafe loading)."""
     text = str(err)
@@ -63,19 +59,41 @@ def _short(err: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def read_error(path: str | os.PathLike) -> BaseException | None:
+    """What reading ``path`` safely raises (safetensors, or ``torch.load(weights_only=True)``), or None if it reads.
+
+    Called only after a load failed, to tell an unreadable file from one that does not fit: classifying by the
+    loader's exception instead misreads garbage bytes, which the unpickler can fail on with any error type.
+    """
+    import torch
+
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(str(path))
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to read is the answer
+        return err
+    return None
+
+
 def weights_error(path: str | os.PathLike, err: BaseException, architecture: str) -> PretrainedWeightsUnavailable:
     """A one-line error naming the weights file: unreadable (corrupt, truncated, unsafe pickle) or wrong architecture.
+
+    The file is read once more, safely, to tell the two apart (only on this failure path).
 
     Args:
         path: the weights file.
         err: what the loader raised.
         architecture: the model the weights were meant for (named in the message).
     """
-    unreadable = isinstance(err, (pickle.UnpicklingError, EOFError)) or type(err).__name__ == "SafetensorError"
-    if unreadable or any(hint in str(err) for hint in _READ_ERROR_HINTS):
+    read_err = read_error(path)
+    if read_err is not None:
         return PretrainedWeightsUnavailable(
             f"cannot read weights file {path}: it is corrupt or truncated, or holds objects that safe loading refuses "
-            f"(only safetensors and weights-only checkpoints are loaded) ({_short(err)})"
+            f"(only safetensors and weights-only checkpoints are loaded) ({_short(read_err)})"
         )
     return PretrainedWeightsUnavailable(
         f"weights file {path} does not fit the architecture {architecture} (its tensors have other names or shapes: "
