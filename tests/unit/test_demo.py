@@ -142,15 +142,37 @@ def test_project_model_is_never_trained_by_the_demo(monkeypatch):
     assert backbone.weights == "regionembed:clip_synthetic" and backbone.model_name == entry.model_name
 
 
+def test_region_methods_get_the_readers_masks(tmp_path, scene, monkeypatch):
+    """The methods table embeds the regions from the masks the CLI's reader gives at the model input (0/1, nearest),
+    the masks region classification hands to the same methods; not soft masks of the demo's own."""
+    from regionembed.data.folder import ImageMaskDataset
+
+    seen = []
+
+    def spy(backbone, image, masks):
+        seen.append(masks.detach().cpu().clone())
+        return torch.nn.functional.normalize(torch.randn(masks.shape[0], backbone.embed_dim), dim=-1)
+
+    monkeypatch.setitem(core.METHODS, "crop", lambda: spy)
+    image, layers, uploads = scene
+    settings = core.RunSettings(prompts=["a cat", "a dog"], iterations=1, explainer=None, methods=["crop"])
+    result = core.run(TINY, tmp_path / "run", image, settings, brush_layers=layers, mask_files=uploads)
+    inputs = tmp_path / "run" / "inputs"
+    masks = [inputs / "masks" / f"{name}.png" for name in result.region_names]
+    reader = ImageMaskDataset([(inputs / "image.png", masks)], core.load_model(TINY).preprocess)[0]
+    assert len(seen) == 1 and torch.equal(seen[0], reader["masks"].float())
+    assert set(seen[0].unique().tolist()) == {0.0, 1.0}
+
+
 def test_alpha_methods_only_with_an_alpha_channel(tiny_backbone):
     from regionembed.backbones import OpenCLIPBackbone
 
     torch.manual_seed(0)
     alpha = OpenCLIPBackbone("re-tiny-vit", alpha_channel=True).requires_grad_(False)
     image = torch.randn(3, 32, 32)
-    masks = torch.zeros(2, 48, 40)
+    masks = torch.zeros(2, 32, 32)
     masks[0, 5:20, 5:20] = 1
-    masks[1, 30:45, 20:38] = 1
+    masks[1, 20:30, 10:28] = 1
     text = torch.nn.functional.normalize(torch.randn(3, alpha.embed_dim), dim=-1)
     inversion = torch.randn(2, alpha.embed_dim)
     methods = ["global", "alpha_mask", "alpha_box", "mask_inversion"]

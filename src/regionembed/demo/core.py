@@ -400,12 +400,11 @@ def compare_methods(
 ) -> list[list]:
     """Rows ``[region, method, best prompt, p(best), p(prompt_1), ...]`` for each region and method.
 
-    Masks ``[N, H, W]`` are resized to the model input ``[N, S, S]`` (bilinear, as soft masks); probabilities are a
-    softmax of the model's logit scale times the cosines, as in :class:`MaskInversionModule`.
+    ``masks`` ``[N, S, S]`` are the reader's masks at the model input (0/1, nearest), the ones the region methods get
+    in region classification; probabilities are a softmax of the model's logit scale times the cosines, as in
+    :class:`MaskInversionModule`.
     """
-    size = tensor.shape[-1]
-    masks_s = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", antialias=True)[:, 0]
-    masks_s = masks_s.clamp(0, 1).to(text.device)
+    masks_s = masks.float().to(text.device)
     scale = backbone.logit_scale.exp() if backbone.logit_scale is not None else 100.0
     image = tensor.to(text.device)
     rows = []
@@ -538,7 +537,7 @@ def run(
             table = compare_methods(
                 backbone,
                 sample["image"],
-                sample["original_masks"],  # full resolution: compare_methods resizes them as soft masks
+                sample["masks"],  # at the model input, as region classification gives them to the region methods
                 names,
                 text,
                 settings.prompts,
