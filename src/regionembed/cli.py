@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -323,9 +324,10 @@ Models (--model):
   tiny                a tiny random model: checks the pipeline, its maps and probabilities mean nothing
   NAME                any open_clip model name (open_clip.list_models()), with --weights TAG_OR_FILE
 
-Anything else is passed on to `infer.py predict` (write --key=value), e.g.
+Anything else is passed on to `infer.py predict`; write --key=value (`--key value` is refused: the value could
+be the image, a mask or a prompt), e.g.
   --model.init_args.solver.init_args.iterations=20 --trainer.accelerator=cuda --writer.overlays=false
---config FILE adds YAML fragments on top of the defaults (regionembed:infer/maskinversion.yaml), in order.
+-c/--config FILE adds YAML fragments on top of the defaults (regionembed:infer/maskinversion.yaml), in order.
 
 Examples:
   infer.py single photo.jpg cat.png dog.png --prompts "a cat" "a dog" --weights ~/clip/ViT-B-16.safetensors
@@ -353,28 +355,52 @@ def _single_parser() -> argparse.ArgumentParser:
         "--weights", default=None, help="hub tag (openai) or local weights file for --model; 'none' for random init"
     )
     parser.add_argument("--output", default="outputs/single", help="output folder (default: outputs/single)")
-    parser.add_argument("--config", action="append", default=None, help="YAML fragment(s) stacked on the defaults")
+    parser.add_argument(
+        "-c", "--config", action="append", default=None, help="YAML fragment(s) stacked on the defaults, in order"
+    )
     return parser
+
+
+#: argparse reads these as words, not options (its ``_negative_number_matcher``; single has no numeric options)
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _is_word(token: str) -> bool:
+    """Whether argparse would read ``token`` as a positional (the image, a mask, a prompt) rather than an option."""
+    if not token.startswith("-") or token == "-" or _NEGATIVE_NUMBER.match(token):
+        return True
+    return not token.startswith("--") and " " in token  # "-a b": argparse's rule for unknown dashed words
 
 
 def _split_overrides(argv: Sequence[str], own: set[str]) -> tuple[list[str], list[str]]:
     """Separate ``--key[=value]`` options that ``single`` does not know (passed on to predict) from its own.
 
     argparse would take an unknown option containing a space (``--x=["a photo of a {}."]``) for a positional value,
-    i.e. a prompt; splitting first means options are never swallowed as prompts or masks.
+    i.e. a prompt; splitting first means options are never swallowed as prompts or masks. Per form:
+
+    - ``--key=value``: passed on as it is.
+    - ``--key`` last, or before another option: passed on bare; LightningCLI judges it (``--print_config`` takes
+      no value, a setting says "expected one argument").
+    - ``--key WORD``: refused. jsonargparse would take WORD as the value, but here WORD may as well be the image, a
+      mask or a prompt (``--writer.overlays photo.jpg``), and guessing would run on the wrong files.
+    - after ``--``: only words (positionals), as in argparse.
+
+    Raises:
+        CLIError: ``--key WORD``, naming the option and the ``--key=VALUE`` form.
     """
     mine, passed = [], []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--") and token != "--" and token.split("=", 1)[0] not in own:
-            passed.append(token)
-            if "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                passed.append(argv[i + 1])
-                i += 1
-        else:
+    for i, token in enumerate(argv):
+        if token == "--":
+            return mine + list(argv[i:]), passed
+        if not token.startswith("--") or token.split("=", 1)[0] in own:
             mine.append(token)
-        i += 1
+            continue
+        passed.append(token)
+        if "=" not in token and i + 1 < len(argv) and _is_word(argv[i + 1]):
+            raise CLIError(
+                f"{token}: options passed on to predict take their value after '=': write {token}=VALUE "
+                f"(is {argv[i + 1]!r} its value, or the image, a mask or a prompt?)"
+            )
     return mine, passed
 
 
@@ -406,11 +432,12 @@ def _backbone_for(model: str, weights: str | None) -> dict[str, Any]:
 def single_args(argv: Sequence[str]) -> list[str]:
     """Translate ``single IMAGE MASK... [--prompts ...] [--model ...]`` into ``predict`` arguments of InferCLI.
 
-    ``--config`` fragments stack on the defaults (``regionembed:infer/maskinversion.yaml``); unknown ``--key=value``
-    options are passed on unchanged.
+    ``-c``/``--config`` fragments stack on the defaults (``regionembed:infer/maskinversion.yaml``); unknown
+    ``--key=value`` options are passed on unchanged (see :func:`_split_overrides` for the other forms).
 
     Raises:
-        CLIError: an unknown ``--model`` or a ``--model``/``--weights`` combination that cannot work.
+        CLIError: an unknown ``--model``, a ``--model``/``--weights`` combination that cannot work, or an unknown
+            option followed by a word (``--key WORD``).
     """
     parser = _single_parser()
     own = {opt for action in parser._actions for opt in action.option_strings}

@@ -110,16 +110,67 @@ def test_model_shortcut_and_overrides_are_never_prompts(region_folder, tmp_path,
 
 
 def test_single_translation():
-    args = single_args(["img.png", "m.png", "--model", "synthetic", "--templates", "a {}.", "--trainer.devices", "2"])
+    args = single_args(["img.png", "m.png", "--model", "synthetic", "--templates", "a {}.", "--trainer.devices=2"])
     backbone = json.loads(next(a for a in args if a.startswith("--model.init_args.backbone=")).split("=", 1)[1])
     assert backbone["init_args"] == {
         "model_name": zoo.MODELS["clip_synthetic"].model_name,
         "pretrained": "regionembed:clip_synthetic",
     }
     assert '--model.init_args.prompt_templates=["a {}."]' in args
-    assert args[-2:] == ["--trainer.devices", "2"]
+    assert args[-1] == "--trainer.devices=2"
     rn = single_args(["i.png", "m.png", "--model", "RN50", "--weights", "none"])
     assert '"regionembed.backbones.OpenCLIPBackbone"' in rn[-1] and '"pretrained": null' in rn[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--writer.overlays", "img.png", "m.png", "n.png"], "--writer.overlays"),  # was --writer.overlays=img.png
+        (["img.png", "m.png", "--prompts", "a cat", "--some.flag", "a dog"], "--some.flag"),  # would take a prompt
+        (["img.png", "m.png", "--trainer.devices", "2"], "--trainer.devices"),  # 2 may be a mask named 2
+        (["img.png", "m.png", "--model.init_args.x", "-1"], "--model.init_args.x"),  # -1 is a word, not an option
+    ],
+)
+def test_single_pass_through_option_never_takes_the_next_word(argv, option):
+    """A pass-through option followed by a word: is the word its value, or the image, a mask, a prompt? Refused,
+    naming the option and the unambiguous form, instead of taking the word (the image) as its value."""
+    with pytest.raises(CLIError, match=rf"^{option}: .*write {option}=VALUE"):
+        single_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "passed"),
+    [
+        (["img.png", "m.png", "--some.flag"], ["--some.flag"]),  # last: nothing to take; jsonargparse judges it
+        (["--some.flag", "--output", "o", "img.png", "m.png"], ["--some.flag"]),  # before an option
+        (["img.png", "m.png", "--print_config"], ["--print_config"]),  # LightningCLI's one optional-value option
+        (["img.png", "--x=a b", "m.png", "--y.z=[1, 2]"], ["--x=a b", "--y.z=[1, 2]"]),
+        (["--w=1", "--", "img.png", "--m.png"], ["--w=1"]),  # after --, words only (a mask named --m.png)
+    ],
+)
+def test_single_pass_through_options_that_are_unambiguous(argv, passed):
+    args = single_args(argv)
+    assert "--data.image=img.png" in args
+    assert args[-len(passed) :] == passed
+    masks = json.loads(next(a for a in args if a.startswith("--data.masks=")).split("=", 1)[1])
+    assert masks == [a for a in argv if a.endswith(".png") and a != "img.png"]
+
+
+def test_single_ambiguous_option_is_one_error_line_with_status_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["infer.py", "single", "--writer.overlays", "img.png", "m.png", "n.png"])
+    with pytest.raises(SystemExit) as exit_:
+        infer_main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --writer.overlays: ") and "--writer.overlays=VALUE" in err[0]
+
+
+def test_single_short_config_flag_stacks_like_config():
+    """LightningCLI takes -c for --config; so does single, in the order given, after the defaults."""
+    args = single_args(["img.png", "m.png", "-c", "a.yaml", "--config", "b.yaml", "-cc.yaml", "-c=d.yaml"])
+    configs = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    assert configs[1:] == ["a.yaml", "b.yaml", "c.yaml", "d.yaml"]
+    assert configs[0].endswith("maskinversion.yaml")
 
 
 @pytest.mark.parametrize(

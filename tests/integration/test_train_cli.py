@@ -1,4 +1,5 @@
-"""train.py fit on the tiny CLIP: a killed run resumes as if it had not stopped; DDP with 2 CPU processes."""
+"""train.py fit on the tiny CLIP: a killed run resumes as if it had not stopped; DDP with 2 CPU processes; validation
+scores what training optimises."""
 
 import os
 import subprocess
@@ -74,3 +75,46 @@ def test_fit_ddp_two_processes(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     # 64 scenes / (8 per batch x 2 ranks) = 4 steps per epoch, 2 epochs; checkpoints every 3 steps: 3, 6
     assert ckpt["global_step"] == 6
+
+
+@pytest.mark.parametrize("multi_positive", [False, True])
+def test_validation_honours_multi_positive(multi_positive):
+    """Validation scores what training optimises. Under ``multi_positive`` images with the same caption are each
+    other's positives, so in ``val/i2t_top1_in_batch`` a top caption identical to the image's own is a hit; it used
+    to count only for the first image of each caption (identical captions tie, argmax takes the first). ``val/loss``
+    is the shared objective (the same number either way: identical captions have identical embeddings)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from regionembed.backbones import OpenCLIPBackbone
+    from regionembed.losses import multi_positive_clip_loss
+    from regionembed.modules import ContrastiveModule
+
+    torch.manual_seed(0)
+    module = ContrastiveModule(OpenCLIPBackbone("re-tiny-vit"), multi_positive=multi_positive).eval()
+    images = torch.randn(6, 3, 32, 32)
+    candidates = ["a red circle.", "a blue square.", "a green star."]
+    backbone = module.backbone
+    with torch.no_grad():  # caption each image with its best candidate: 6 images, 3 captions, so some repeat
+        image = backbone.encode_image(images, normalize=True)
+        best = (image @ backbone.encode_text(backbone.tokenize(candidates), normalize=True).T).argmax(1)
+        captions = [candidates[k] for k in best]
+        text = backbone.encode_text(backbone.tokenize(captions), normalize=True)
+    groups = best if multi_positive else torch.arange(6)
+    loss = multi_positive_clip_loss(image, text, backbone.logit_scale.exp(), groups)
+    hits = (groups[(image @ text.T).argmax(1)] == groups).float().mean()
+    if multi_positive:  # every image's top caption is its own: 1; the first-index count is lower
+        assert hits == 1 and (image @ text.T).argmax(1).eq(torch.arange(6)).float().mean() < 1
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    samples = [{"image": im, "caption": c} for im, c in zip(images, captions, strict=True)]
+    trainer.validate(module, dataloaders=DataLoader(samples, batch_size=6))
+    torch.testing.assert_close(trainer.callback_metrics["val/loss"], loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(trainer.callback_metrics["val/i2t_top1_in_batch"], hits)

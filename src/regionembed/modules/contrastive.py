@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..backbones.base import Backbone
@@ -79,7 +78,9 @@ class ContrastiveModule(L.LightningModule):
             any module can load them with ``OpenCLIPBackbone(..., pretrained=export_path)``.
         multi_positive: images whose captions are identical (after tokenisation, across all ranks) are positives of
             each other (:func:`~regionembed.losses.multi_positive_clip_loss`) instead of negatives; needed when
-            captions repeat within a batch, e.g. single-object scenes of a few dozen classes.
+            captions repeat within a batch, e.g. single-object scenes of a few dozen classes. Validation honours it
+            too: ``val/loss`` is the same objective and ``val/i2t_top1_in_batch`` counts a top caption identical
+            to the image's own as a hit.
         export_dtype: ``"float32"`` or ``"float16"`` (half the file; what the shipped zoo weights use).
     """
 
@@ -115,31 +116,50 @@ class ContrastiveModule(L.LightningModule):
         text = self.backbone.encode_text(tokens, normalize=True)
         return image, text, tokens
 
-    def _multi_positive_loss(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size > 1:  # the whole global batch, gradients flowing back to every rank's features
+    def _caption_groups(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N]`` ids of the captions that count as one: equal token rows under ``multi_positive``, else each its own.
+
+        Args:
+            tokens: ``[N, L]`` tokenised captions.
+        """
+        if self.hparams.multi_positive:
+            return torch.unique(tokens, dim=0, return_inverse=True)[1]
+        return torch.arange(len(tokens), device=tokens.device)
+
+    def _clip_loss(self, image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor, gather: bool) -> torch.Tensor:
+        """The one objective of training and validation: CLIP's loss, or the multi-positive one.
+
+        Args:
+            image: ``[B, D]`` normalised image features of this rank.
+            text: ``[B, D]`` normalised caption features.
+            tokens: ``[B, L]`` the tokenised captions.
+            gather: score against the whole global batch (training). Validation does not: its batches may differ in
+                size across ranks, so each rank scores its own.
+        """
+        scale = self.backbone.logit_scale.exp()
+        if gather and not self.hparams.multi_positive:
+            return self.loss_fn(image, text, scale)  # open_clip's gathering
+        if gather and self.trainer.world_size > 1:  # the whole global batch, gradients flowing back to every rank
             image = self.all_gather(image, sync_grads=True).flatten(0, 1)
             text = self.all_gather(text, sync_grads=True).flatten(0, 1)
             tokens = self.all_gather(tokens).flatten(0, 1)
-        groups = torch.unique(tokens, dim=0, return_inverse=True)[1]  # equal token rows = equal captions
-        return multi_positive_clip_loss(image, text, self.backbone.logit_scale.exp(), groups)
+        # with distinct groups (multi_positive off) this is CLIP's loss
+        return multi_positive_clip_loss(image, text, scale, self._caption_groups(tokens))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, text, tokens = self._features(batch)
-        scale = self.backbone.logit_scale.exp()
-        if self.hparams.multi_positive:
-            loss = self._multi_positive_loss(image, text, tokens)
-        else:
-            loss = self.loss_fn(image, text, scale)
+        loss = self._clip_loss(image, text, tokens, gather=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
-        self.log("train/logit_scale", scale, batch_size=image.shape[0])
+        self.log("train/logit_scale", self.backbone.logit_scale.exp(), batch_size=image.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        image, text, _ = self._features(batch)
-        logits = self.backbone.logit_scale.exp() * image @ text.T
-        labels = torch.arange(len(image), device=self.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        acc = (logits.argmax(1) == labels).float().mean()
+        image, text, tokens = self._features(batch)
+        loss = self._clip_loss(image, text, tokens, gather=False)
+        groups = self._caption_groups(tokens)
+        # a hit: the top caption is the image's own, or under multi_positive one identical to it (identical captions
+        # tie, and argmax would otherwise pick the first of them)
+        acc = (groups[(image @ text.T).argmax(1)] == groups).float().mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=image.shape[0])
         self.log("val/i2t_top1_in_batch", acc, sync_dist=True, batch_size=image.shape[0])
 
