@@ -84,10 +84,11 @@ def multi_positive_clip_loss(
 ) -> torch.Tensor:
     """Symmetric InfoNCE whose targets spread evenly over every pair with the same caption.
 
-    CLIP's loss takes the diagonal as the only positive, so two images captioned "a red circle" in one batch push each
-    other's captions away. When captions repeat (single-object scenes of a few dozen classes) that noise dominates;
-    here the target of row ``i`` is uniform over ``{j : groups[j] == groups[i]}`` (SupCon-style, as in UniCL). With
-    all groups distinct it equals open_clip's ``ClipLoss``.
+    The target of row ``i`` is uniform over ``{j : groups[j] == groups[i]}`` (SupCon-style, as in UniCL). With all
+    groups distinct it equals open_clip's ``ClipLoss``. When equal captions also have equal embeddings (a
+    deterministic text tower fed the same tokens), it equals ``ClipLoss`` in value and gradient too: every positive
+    of a group has the same log-probability, so spreading the target over them changes nothing (tested). It differs
+    where captions of one group embed differently (text dropout, per-image templates with a shared group id).
 
     Args:
         image: ``[N, D]`` L2-normalised image features.
