@@ -118,6 +118,12 @@ def preprocess_of(model: L.LightningModule) -> Any:
     return getattr(getattr(model, "backbone", None), "preprocess", None)
 
 
+def needs_original_image_of(model: L.LightningModule) -> bool:
+    """Whether ``model`` crops from the original pixels (its ``needs_original_image``): the data module then keeps
+    them (``keep_original``)."""
+    return bool(getattr(model, "needs_original_image", False))
+
+
 class _RegionembedCLI(LightningCLI):
     """What both entry points share: settings checked before any compute, bad settings or files reported in one line.
 
@@ -142,9 +148,12 @@ class _RegionembedCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data module resizes and normalises for the model: its `preprocess` comes from the instantiated model's
-        # backbone, so configs never restate it (and cannot disagree with it). Data modules without a `preprocess`
-        # argument are left alone.
+        # backbone, and `keep_original` from whether its methods crop from the original pixels, so configs never
+        # restate them (and cannot disagree with the model). Data modules without such an argument are left alone.
         parser.link_arguments("model", "data.init_args.preprocess", compute_fn=preprocess_of, apply_on="instantiate")
+        parser.link_arguments(
+            "model", "data.init_args.keep_original", compute_fn=needs_original_image_of, apply_on="instantiate"
+        )
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()

@@ -189,8 +189,10 @@ class ContextCropEmbedding(RegionEmbedder):
     image, as the masked-crop prompts of Shtedritski et al. (2023, "What does CLIP know about a red circle?") and
     Yang et al. (2023, "Fine-Grained Visual Prompting", blur outside the mask).
 
-    Without an original image (another evaluator, or a data module that does not keep it) the model input is
+    Without an original image (called directly, or by an evaluator that does not pass one) the model input is
     used, which for the square geometry and the context is the same protocol at the input's resolution.
+    :class:`~regionembed.modules.RegionClassificationModule` passes it and refuses batches without it (a region data
+    module with ``keep_original=True``, which the CLIs set for methods with ``needs_original_image``).
 
     Args:
         context: margin on every side, as a fraction of the square's side before the margin (0.1 = 10%).

@@ -116,8 +116,10 @@ def test_test_on_every_region_data_module(kind, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"test/mask_dice", "test/map_iou", "test/loss_drop"} <= set(metrics)
     assert 0 <= float(metrics["test/mask_dice"]) <= 1
-    # the data module got the model's preprocessing through the CLI link, not from a config
+    # the data module got the model's preprocessing through the CLI link, not from a config; MaskInversion needs no
+    # original pixels (keep_original linked off), so it fits the S x S masks of the batch
     assert cli.datamodule.preprocess == cli.model.backbone.preprocess
+    assert cli.datamodule.keep_original is False
 
 
 def test_folder_batches_images_of_different_sizes(region_folder, tmp_path):

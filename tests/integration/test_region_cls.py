@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from regionembed.cli import infer_main
+from regionembed.data import SyntheticDataModule
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tests" / "tiny_region_cls.yaml"
@@ -32,8 +34,38 @@ def test_region_classification_in_process(tmp_path):
         assert 0 <= row["top1"] <= row["top5"] <= 1
     assert json.loads((tmp_path / "r.json").read_text())["results"] == results
     assert "test/mask_inversion/top1" in cli.trainer.callback_metrics
-    # the square crop asked for the original pixels: the evaluation samples carry them
-    assert cli.model.needs_original_image and "original" in cli.datamodule.datasets["test"][0]
+    # the square crop asked for the original pixels: the CLI linked keep_original (no config states it), the
+    # evaluation samples carry them
+    assert cli.model.needs_original_image and cli.datamodule.keep_original
+    assert "original" in cli.datamodule.datasets["test"][0]
+
+    # the same model and data built by hand in Python: the CLI's numbers with keep_original=True; without it the
+    # module refuses the batches (naming the argument) instead of letting the square crop fall back to the input
+    world = cli.datamodule.world
+
+    def by_hand(**kwargs) -> SyntheticDataModule:
+        sizes = {"train_size": 0, "val_size": 0, "test_size": 9, "batch_size": 2}
+        spec = cli.model.backbone.preprocess
+        return SyntheticDataModule(world.config, world.seed, **sizes, preprocess=spec, **kwargs)
+
+    trainer = L.Trainer(
+        accelerator="cpu", inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    L.seed_everything(0)
+    trainer.test(cli.model, datamodule=by_hand(keep_original=True), verbose=False)
+    assert cli.model.results == results
+    with pytest.raises(ValueError, match=r"\['masked_crop_square_grey'\].*keep_original=True"):
+        trainer.test(cli.model, datamodule=by_hand(), verbose=False)
+
+
+def test_shortest_crop_cannot_keep_the_original(tmp_path, capsys):
+    """The square crop keeps the original pixels; with the centre crop they would not match the model input."""
+    args = ["test", f"--config={CONFIG}", "--data.init_args.mode=shortest_crop"]
+    with pytest.raises(SystemExit) as exc:
+        infer_main([*args, f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "SyntheticDataModule: keep_original=True needs mode='squash', got mode='shortest_crop'" in err
 
 
 def _run(tmp_path: Path, devices: int) -> dict:

@@ -1,11 +1,15 @@
 """ContextCropEmbedding: square boxes with context from the original image, padded with the mean; the transform
 keeps the original pixels when asked."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from regionembed.backbones.base import PreprocessSpec
+from regionembed.data import SyntheticDataModule, WorldConfig
 from regionembed.data.transforms import build_transform
 from regionembed.regions import ContextCropEmbedding, CropEmbedding, square_boxes
 
@@ -90,6 +94,44 @@ def test_transform_keeps_the_original_for_kept_regions():
     assert "original" not in build_transform(spec)(sample)
     with pytest.raises(ValueError, match="evaluation"):
         build_transform(spec, train=True, keep_original=True)
+
+
+def test_original_masks_match_the_model_input_or_are_refused():
+    """``squash`` shows the whole image: the original masks, resized like the masks, are the masks. The centre crop of
+    ``shortest_crop`` cuts the region at the right edge, so uncropped original masks would not match (MaskInversion
+    would fit the crop's maps to them): keep_original is refused there, naming both settings."""
+    spec = PreprocessSpec(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    masks = np.zeros((2, 24, 40), np.uint8)
+    masks[0, 4:20, 12:28] = 1
+    masks[1, 4:20, 26:40] = 1  # reaches the right edge
+    sample = {"image": np.zeros((24, 40, 3), np.uint8), "masks": masks, "labels": [0, 1], "texts": ["a", "b"]}
+    sample |= {"boxes": [[12, 4, 28, 20], [26, 4, 40, 20]], "image_id": "x"}
+    out = build_transform(spec, keep_original=True)(sample)
+    resized = F.interpolate(out["original_masks"][:, None].float(), size=(16, 16), mode="nearest")[:, 0]
+    assert torch.equal(resized, out["masks"])
+    cropped = build_transform(spec, mode="shortest_crop")(sample)["masks"]
+    assert cropped.shape[0] == 2 and cropped[1].sum() < 0.6 * masks[1].sum() * (16 / 24) ** 2  # cut by the crop
+    with pytest.raises(ValueError, match=r"build_transform: keep_original=True needs mode='squash', got mode='short"):
+        build_transform(spec, mode="shortest_crop", keep_original=True)
+
+
+def test_data_modules_keep_the_original_when_told_not_when_the_model_asks():
+    """``keep_original`` is a data module argument (the CLIs link it from the model); the model is never consulted."""
+    spec = PreprocessSpec(size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    kwargs = {"world": WorldConfig(image_size=32, max_objects=2), "train_size": 0, "val_size": 0, "test_size": 2}
+    kwargs |= {"batch_size": 2, "preprocess": spec}
+    plain = SyntheticDataModule(**kwargs)
+    plain.trainer = SimpleNamespace(lightning_module=SimpleNamespace(needs_original_image=True), global_rank=0)
+    plain.setup("test")
+    assert "original" not in next(iter(plain.test_dataloader()))
+    keep = SyntheticDataModule(**kwargs, keep_original=True)
+    keep.setup("test")
+    batch = next(iter(keep.test_dataloader()))
+    assert [tuple(o.shape) for o in batch["original"]] == [(3, 32, 32)] * 2
+    originals = torch.cat(batch["original_masks"]).float()[:, None]
+    assert torch.equal(F.interpolate(originals, size=(16, 16), mode="nearest")[:, 0], batch["masks"])
+    with pytest.raises(ValueError, match=r"SyntheticDataModule: keep_original=True needs mode='squash'"):
+        SyntheticDataModule(**kwargs, keep_original=True, mode="shortest_crop")
 
 
 def test_four_connected_components_split_diagonal_neighbours():

@@ -43,8 +43,10 @@ class RegionBatch(TypedDict):
         alpha: float32 ``[B, 1, S, S]``, when the samples have an alpha map.
         ann_ids, iscrowd, difficult: int64 ``[N]``, when the dataset has them (``-1`` for regions without).
         original_masks: ``B`` tensors ``[N_i, H_i, W_i]``: the regions at the raw image's resolution, uncropped
-            (the folder always; other modules when the LightningModule asks for ``needs_original_image``).
-            MaskInversion fits its maps to these when present (results at the image's own resolution).
+            (the folder always; the other region data modules with ``keep_original=True``, which the CLIs link
+            from the model's ``needs_original_image``). Only produced where ``image`` shows the whole raw image
+            (``mode="squash"``), so MaskInversion fits its maps to these when present (results at the image's own
+            resolution).
         original: ``B`` uint8 ``[3, H_i, W_i]`` raw images (with ``original_masks`` from the joint transform).
         image_path: ``B`` paths of the image files (the folder, COCO, RefCOCO, VOC), for overlays.
         inputs_sha256: ``B`` fingerprints of each image's input files (the folder), for resumable outputs.

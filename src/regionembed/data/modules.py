@@ -2,9 +2,10 @@
 
 All three share one recipe (:class:`RegionDataModule`): the joint transform is built from the backbone's
 :class:`~regionembed.backbones.base.PreprocessSpec`, passed in as ``preprocess`` (``infer.py`` and ``train.py`` link
-it from ``model.init_args.backbone``; library code passes ``backbone.preprocess``), batches are
-:class:`~regionembed.data.collate.RegionBatch` es (:func:`~regionembed.data.collate.collate_regions_batch`), and
-training augmentation is seeded explicitly.
+it from ``model.init_args.backbone``; library code passes ``backbone.preprocess``); whether evaluation samples keep
+the original pixels is passed in as ``keep_original`` (linked from the model's ``needs_original_image``); batches
+are :class:`~regionembed.data.collate.RegionBatch` es (:func:`~regionembed.data.collate.collate_regions_batch`), and
+training augmentation is seeded explicitly. Data modules never read the LightningModule.
 
 Seeding: the train transform is seeded with ``seed + global_rank``; in DataLoader workers it is reseeded from
 the worker's torch seed, which the loader draws from a ``torch.Generator`` seeded the same way. So augmentations
@@ -28,7 +29,7 @@ from .coco import CocoRegions
 from .collate import collate_regions_batch
 from .refcoco import RefCocoExpressions
 from .samplers import ResumableLoader, ResumableSampler
-from .transforms import Mode, RegionTransform, build_transform
+from .transforms import Mode, RegionTransform, build_transform, check_keep_original
 from .voc import VocBoxes, parse_voc_xml
 
 __all__ = ["CocoRegionDataModule", "RefCocoDataModule", "RegionDataModule", "VocBoxDataModule", "require_preprocess"]
@@ -92,6 +93,13 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         batch_size: images per batch (each with its own number of regions).
         num_workers: DataLoader workers.
         seed: seed of the training augmentation and shuffling.
+        keep_original: evaluation samples also carry the raw image and its regions' masks at the raw resolution
+            (``original``, ``original_masks``; see :class:`~regionembed.data.transforms.RegionTransform`), for
+            region methods that crop from the original pixels (``needs_original_image``, e.g.
+            :class:`~regionembed.regions.ContextCropEmbedding`). The CLIs link it from the model's
+            ``needs_original_image``, so configs leave it out; a LightningModule that needs it refuses batches
+            without it. Needs ``mode="squash"``: after ``"shortest_crop"`` the raw image and masks would show more
+            than the model input.
     """
 
     def __init__(
@@ -103,11 +111,14 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        check_keep_original(type(self).__name__, mode, keep_original)
         self.preprocess = preprocess
+        self.keep_original = bool(keep_original)
         self.mode = mode
         self.train_scale = tuple(train_scale)
         self.hflip = hflip
@@ -128,10 +139,6 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
 
     def setup(self, stage: str | None = None) -> None:
         self.preprocess = require_preprocess(self)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        # A module whose methods crop from the original pixels (e.g. ContextCropEmbedding) asks for them; the
-        # evaluation samples then also carry `original` and `original_masks` (see RegionTransform).
-        keep_original = bool(getattr(module, "needs_original_image", False))
         wanted = {
             "fit": ["train", "val"],
             "validate": ["val"],
@@ -149,7 +156,9 @@ class RegionDataModule(L.LightningDataModule, abc.ABC):
                     self.preprocess, train=True, seed=self.seed + self.rank, scale=self.train_scale, hflip=self.hflip
                 )
             else:
-                transform = build_transform(self.preprocess, train=False, mode=self.mode, keep_original=keep_original)
+                transform = build_transform(
+                    self.preprocess, train=False, mode=self.mode, keep_original=self.keep_original
+                )
             self.datasets[split] = self.build_dataset(split, transform)
         names = {tuple(ds.class_names) for ds in self.datasets.values()}
         if len(names) > 1:
@@ -242,6 +251,7 @@ class CocoRegionDataModule(RegionDataModule):
         batch_size: see :class:`RegionDataModule`.
         num_workers: see :class:`RegionDataModule`.
         seed: see :class:`RegionDataModule`.
+        keep_original: see :class:`RegionDataModule` (the CLIs link it from the model).
     """
 
     def __init__(
@@ -262,8 +272,9 @@ class CocoRegionDataModule(RegionDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
-        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed)
+        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed, keep_original)
         self.files = _split_paths(
             type(self).__name__,
             "ann_file",
@@ -300,6 +311,7 @@ class RefCocoDataModule(RegionDataModule):
         batch_size: see :class:`RegionDataModule`.
         num_workers: see :class:`RegionDataModule`.
         seed: see :class:`RegionDataModule`.
+        keep_original: see :class:`RegionDataModule` (the CLIs link it from the model).
     """
 
     def __init__(
@@ -317,8 +329,9 @@ class RefCocoDataModule(RegionDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
-        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed)
+        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed, keep_original)
         self.images, self.instances_file, self.refs_file = images, instances_file, refs_file
         self.splits = {
             k: v for k, v in {"train": train_split, "val": val_split, "test": test_split or val_split}.items() if v
@@ -353,6 +366,7 @@ class VocBoxDataModule(RegionDataModule):
         batch_size: see :class:`RegionDataModule`.
         num_workers: see :class:`RegionDataModule`.
         seed: see :class:`RegionDataModule`.
+        keep_original: see :class:`RegionDataModule` (the CLIs link it from the model).
     """
 
     def __init__(
@@ -372,8 +386,9 @@ class VocBoxDataModule(RegionDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
-        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed)
+        super().__init__(preprocess, mode, train_scale, hflip, batch_size, num_workers, seed, keep_original)
         self.dirs = _split_paths(
             type(self).__name__,
             "annotations",

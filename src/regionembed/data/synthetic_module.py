@@ -138,6 +138,7 @@ class SyntheticDataModule(RegionDataModule):
         batch_size: see :class:`~regionembed.data.modules.RegionDataModule`.
         num_workers: see :class:`~regionembed.data.modules.RegionDataModule`.
         seed: see :class:`~regionembed.data.modules.RegionDataModule`.
+        keep_original: see :class:`~regionembed.data.modules.RegionDataModule` (the CLIs link it from the model).
     """
 
     def __init__(
@@ -156,8 +157,16 @@ class SyntheticDataModule(RegionDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
-        super().__init__(preprocess=preprocess, mode=mode, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            preprocess=preprocess,
+            mode=mode,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            keep_original=keep_original,
+        )
         if min(train_size, val_size, test_size, single_object_images) < 0:
             raise ValueError("split sizes and single_object_images must be >= 0")
         self.world = SyntheticWorld(world or WorldConfig(), seed=world_seed)
@@ -251,6 +260,7 @@ class SyntheticReferringDataModule(RegionDataModule):
         batch_size: see :class:`~regionembed.data.modules.RegionDataModule`.
         num_workers: see :class:`~regionembed.data.modules.RegionDataModule`.
         seed: see :class:`~regionembed.data.modules.RegionDataModule`.
+        keep_original: see :class:`~regionembed.data.modules.RegionDataModule` (the CLIs link it from the model).
     """
 
     def __init__(
@@ -267,8 +277,16 @@ class SyntheticReferringDataModule(RegionDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        keep_original: bool = False,
     ) -> None:
-        super().__init__(preprocess=preprocess, mode=mode, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            preprocess=preprocess,
+            mode=mode,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            keep_original=keep_original,
+        )
         if start < 0 or min(train_size, val_size, test_size) < 0:
             raise ValueError("start and the split sizes must be >= 0")
         self.world = SyntheticWorld(world or WorldConfig(), seed=world_seed)

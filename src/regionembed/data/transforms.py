@@ -55,6 +55,7 @@ __all__ = [
     "REGION_KEYS",
     "RegionTransform",
     "build_transform",
+    "check_keep_original",
     "cv2_interpolation",
     "preprocess_array",
 ]
@@ -76,6 +77,32 @@ _INTERPOLATION = {
 }
 
 Mode = Literal["squash", "shortest_crop"]
+
+
+def check_keep_original(owner: str, mode: str, keep_original: bool) -> None:
+    """Refuse ``keep_original`` with an eval ``mode`` whose model input is not the whole raw image.
+
+    ``original`` and ``original_masks`` are the raw image and masks, uncropped. After ``"shortest_crop"`` the model
+    input (``image``, ``masks``) shows only the centre of the image: MaskInversion would fit maps of the crop to
+    masks of the whole image, and a region cut by the crop would be whole in ``original_masks``. ``"squash"`` keeps
+    the whole image, so the two describe the same geometry.
+
+    Args:
+        owner: what to name in the error (a data module's class name, ``"build_transform"``).
+        mode: the eval resize (see :func:`build_transform`).
+        keep_original: whether ``original`` and ``original_masks`` are asked for.
+
+    Raises:
+        ValueError: ``keep_original`` with a mode other than ``"squash"``; the message names both settings.
+    """
+    if keep_original and mode != "squash":
+        raise ValueError(
+            f"{owner}: keep_original=True needs mode='squash', got mode={mode!r}: the centre crop shows only part of "
+            "the image, while `original` and `original_masks` would show all of it, so they would not match `image` "
+            "and `masks` (MaskInversion would fit the crop's maps to uncropped masks). Use mode='squash', or no "
+            "region method that crops from the original image (keep_original is what infer.py and train.py set for "
+            "methods with needs_original_image, e.g. ContextCropEmbedding)"
+        )
 
 
 def cv2_interpolation(name: str) -> int:
@@ -147,8 +174,10 @@ class RegionTransform:
         size: output side ``S``.
         keep_original: also return the untransformed image (``original``, uint8 ``[3, H, W]``) and the kept
             regions' masks at that resolution (``original_masks``, uint8 ``[N', H, W]``), for region methods that
-            crop from the original pixels (:class:`~regionembed.regions.ContextCropEmbedding`). Eval only: with a
-            random crop the two would not describe the same regions' geometry the same way.
+            crop from the original pixels (:class:`~regionembed.regions.ContextCropEmbedding`) and for MaskInversion
+            at the image's own resolution. Only for a ``compose`` that shows the whole image (``build_transform``'s
+            eval ``"squash"``): after a crop, random or central, the raw image and masks would show more than
+            ``image`` and ``masks``.
     """
 
     def __init__(self, compose: A.Compose, size: int, keep_original: bool = False) -> None:
@@ -269,15 +298,20 @@ def build_transform(
             ``area_for_downscale="image"``). OpenCV's cubic/linear resize does not antialias, unlike the PIL /
             torchvision resize CLIP models were trained with; area downscaling is much closer to the latter.
             Upscaling always uses ``spec.interpolation``; masks and alpha always use nearest.
-        keep_original: see :class:`RegionTransform` (eval transforms only).
+        keep_original: see :class:`RegionTransform` (eval transforms with ``mode="squash"`` only).
 
     Returns:
         A :class:`RegionTransform`.
+
+    Raises:
+        ValueError: an unknown ``mode``, a bad ``scale``, or ``keep_original`` with ``train`` or with
+            ``mode="shortest_crop"`` (see :func:`check_keep_original`).
     """
     if keep_original and train:
         raise ValueError("keep_original is for evaluation transforms (train=False)")
     if mode not in ("squash", "shortest_crop"):
         raise ValueError(f"unknown mode {mode!r}; expected 'squash' or 'shortest_crop'")
+    check_keep_original("build_transform", mode, keep_original)
     lo, hi = scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")

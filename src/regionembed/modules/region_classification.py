@@ -92,8 +92,20 @@ class RegionClassificationModule(RegionMethodsModule):
 
     @property
     def needs_original_image(self) -> bool:
-        """Whether a method crops from the original pixels: the data module then keeps them (``original``)."""
+        """Whether a method crops from the original pixels: batches must then carry them (``original``,
+        ``original_masks``), i.e. the region data module has ``keep_original=True`` (the CLIs link it from here)."""
         return any(getattr(m, "needs_original_image", False) for m in self.methods)
+
+    def _check_original(self, batch: dict[str, Any]) -> None:
+        """Refuse a batch without the original pixels when a method needs them, rather than let the method fall
+        back to the model input (other numbers, silently)."""
+        if self.needs_original_image and not ("original" in batch and "original_masks" in batch):
+            names = [m.name for m in self.methods if getattr(m, "needs_original_image", False)]
+            raise ValueError(
+                f"{type(self).__name__}: the methods {names} crop from the original image, but the batch has no "
+                "`original`/`original_masks`: build the region data module with `keep_original=True` (e.g. "
+                "SyntheticDataModule(..., keep_original=True)); infer.py and train.py set it from the model"
+            )
 
     def region_logits(
         self,
@@ -108,6 +120,7 @@ class RegionClassificationModule(RegionMethodsModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         require_grad_mode("region classification (MaskInversion, gradient explainers)")
+        self._check_original(batch)
         for b in range(batch["image"].shape[0]):
             keep = batch["region_batch_index"] == b
             if not keep.any():
