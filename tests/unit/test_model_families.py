@@ -192,7 +192,9 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
     targets = F.normalize(torch.empty(2, b.embed_dim, device="meta"), dim=-1)
     with torch.no_grad():
         emb = b.forward_image(x)
-        assert emb.shape == b.model.encode_image(x).shape == (2, b.embed_dim)
+        assert emb.shape == (2, b.embed_dim)
+        if image_size is None:  # open_clip's own forward takes the native size only (timm's strict_img_size)
+            assert b.model.encode_image(x).shape == emb.shape
     maps = LeGrad().explain(b, x, targets)
     assert maps.is_meta and maps.shape == (2, size, size)
     with AttentionRecorder(b.blocks, [-1]) as rec:
