@@ -185,7 +185,7 @@ def markdown_table(rows: list[ModelSupport]) -> str:
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         if r.error is not None:
-            lines.append(f"| {r.model} | {r.family} | refused: {r.error} |  |  |  |  |")
+            lines.append(f"| {r.model} | {r.family} | refused: {r.error.split(':')[0]} (below) |  |  |  |  |")
             continue
         pool = f"yes ({r.legrad_recipe})" if r.attention_pool else "no"
         geometry = f"{r.image_size} / {r.patch_size} / {r.grid[0]}x{r.grid[1]}"
@@ -195,7 +195,7 @@ def markdown_table(rows: list[ModelSupport]) -> str:
 
 
 def summary(rows: list[ModelSupport]) -> str:
-    """Counts per family and adapter, and the reasons ``auto`` gives for ``naive``."""
+    """Counts per family and adapter, the refusals in full, and the reasons ``auto`` gives for ``naive``."""
     lines = []
     for family in FAMILIES:
         mine = [r for r in rows if r.family == family]
@@ -204,6 +204,9 @@ def summary(rows: list[ModelSupport]) -> str:
         built = [r for r in mine if r.error is None]
         kinds = sorted({f"{r.adapter} -> auto={r.auto}" for r in built})
         lines.append(f"- {family}: {len(mine)} configs, {len(built)} built ({'; '.join(kinds)})")
+    for r in rows:
+        if r.error is not None:
+            lines.append(f"- {r.model} refused: {r.error}")
     for reason in sorted({r.auto_reason for r in rows if r.auto == "naive"}):
         models = [r.model for r in rows if r.auto == "naive" and r.auto_reason == reason]
         lines.append(f"- `auto` = naive for {', '.join(models)}: {reason}")
