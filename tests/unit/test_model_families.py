@@ -227,3 +227,20 @@ def test_hf_text_tower_without_transformers_names_the_extra(monkeypatch):
 def test_support_row_reports_a_refusal_instead_of_raising():
     row = support_row("ViT-SO400M-14-SigLIP-384")
     assert row.adapter is None and row.error.startswith("UnsupportedModelError") and "image_size=378" in row.error
+
+
+def test_the_command_prints_the_rows(capsys):
+    """``python -m regionembed.bench models --models ... --json``: one JSON record per config, the table, the summary
+    with each refusal in full."""
+    import json
+
+    from regionembed.bench.models import main
+
+    main(["--models", "coca_base", "ViT-SO400M-14-SigLIP-384", "--json"])
+    out = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in out if line.startswith("{")]
+    assert [r["model"] for r in records] == ["coca_base", "ViT-SO400M-14-SigLIP-384"]
+    assert records[0]["adapter"] == "OpenCLIPViTBackbone" and records[0]["grid"] == [16, 16]
+    assert records[0]["auto"] in ("per_step", "precomputed") and records[1]["error"]
+    assert "| coca_base | CoCa | OpenCLIPViTBackbone | 288 / 18 / 16x16 | no | fits |" in "\n".join(out)
+    assert any(line.startswith("- ViT-SO400M-14-SigLIP-384 refused: UnsupportedModelError") for line in out)
