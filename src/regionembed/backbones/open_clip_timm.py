@@ -66,7 +66,8 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
     ``re-tiny-pe``); takes the same arguments, with these differences:
 
     * ``image_size``: absolute positional embeddings are resampled and rotary embeddings rebuilt for the grid on the
-      fly (the model's own parameters are never modified).
+      fly (the model's own parameters are never modified). A native size that is not a multiple of the patch size
+      (``ViT-SO400M-14-SigLIP-384``) must be given explicitly: the error names the size with the same token grid.
     * ``alpha_checkpoint`` is refused: the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs
       (``alpha_channel=True`` trains an alpha channel on these models).
 
