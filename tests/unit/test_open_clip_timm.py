@@ -521,9 +521,17 @@ def test_dispatched_tiny_towers_have_the_capabilities(timm_towers):
         assert isinstance(b, OpenCLIPBackbone) and isinstance(b, TokenGridBackbone) and isinstance(b, AttentionPoolHead)
 
 
-@pytest.mark.parametrize("variant", [{"qkv_fused": True}, {"qkv_fused": True, "qk_norm": True, "attn_type": "rope"}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"qkv_fused": True},
+        {"qkv_fused": True, "qk_norm": True, "attn_type": "rope"},
+        {"use_post_norm": True, "swiglu_mlp": True, "scale_mlp": True},
+    ],
+)
 def test_recorder_on_other_eva_attention_variants(variant):
-    """Fused q/k/v with EVA's separate biases (EVA01/EVA02 classification variants) and AttentionRope with q/k norms."""
+    """Fused q/k/v with EVA's separate biases (EVA01/EVA02 classification variants), AttentionRope with q/k norms and
+    ``EvaBlockPostNorm`` (EVA02-E-14: norms after the attention and the MLP)."""
     from timm.models.eva import Eva
 
     torch.manual_seed(0)
@@ -549,6 +557,7 @@ def test_recorder_on_other_eva_attention_variants(variant):
         with AttentionRecorder(m.blocks, [0]) as rec:
             out = m.forward_features(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    assert type(m.blocks[0]).__name__ == ("EvaBlockPostNorm" if variant.get("use_post_norm") else "EvaBlock")
     assert rec[0].probs.shape == (2, 3, 17, 17)
     assert "forward" not in attn.__dict__
 

@@ -9,9 +9,10 @@ everything is undone on exit.
 
 Supported: open_clip ``ResidualAttentionBlock`` (``nn.MultiheadAttention``, self-attention), open_clip's
 ``AttentionalPooler`` (CoCa: learned queries cross-attending over the tokens, ``[B, H, Q, T]`` probabilities), timm
-``vision_transformer.Block`` with ``timm.layers.Attention``, timm ``EvaBlock`` with ``EvaAttention`` or
-``AttentionRope`` (EVA02, PE-Core: rotary embeddings, fused or separate q/k/v), and ``transformers`` ``CLIPAttention`` /
-``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of :class:`~regionembed.backbones.hf.HFBackbone`.
+``vision_transformer.Block`` with ``timm.layers.Attention``, timm ``EvaBlock`` (and ``EvaBlockPostNorm``, EVA02-E)
+with ``EvaAttention`` or ``AttentionRope`` (EVA01, EVA02, PE-Core: rotary embeddings, fused or separate q/k/v), and
+``transformers`` ``CLIPAttention`` / ``SiglipAttention`` (eager or SDPA kernels) in the encoder layers of
+:class:`~regionembed.backbones.hf.HFBackbone`.
 :class:`MHAPoolRecorder` records the probe attention of an ``nn.MultiheadAttention`` pooling head (``transformers``'
 ``SiglipMultiheadAttentionPoolingHead``); :func:`attention_pool_forward` runs timm's ``AttentionPoolLatent``
 (SigLIP's and PE's ``map`` head) with its probabilities kept. Anything else raises :class:`UnsupportedModelError`.
@@ -277,7 +278,7 @@ def _attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index:
     raise UnsupportedModelError(
         f"block {type(block).__name__} with attention {type(attn).__name__} is not supported by the attention "
         "recorder (supported: open_clip ResidualAttentionBlock and AttentionalPooler, timm vision_transformer.Block, "
-        "timm EvaBlock with EvaAttention or AttentionRope, transformers CLIP/SigLIP encoder layers)"
+        "timm EvaBlock/EvaBlockPostNorm with EvaAttention or AttentionRope, transformers CLIP/SigLIP encoder layers)"
     )
 
 
@@ -367,13 +368,14 @@ def _eva_forward(recorder: AttentionRecorder, index: int):
 
 
 def _eva_attention_and_forward(block: nn.Module, recorder: AttentionRecorder, index: int):
-    """``(attention module, explicit forward)`` for a timm ``EvaBlock``; ``None`` for any other block."""
+    """``(attention module, explicit forward)`` for a timm ``EvaBlock`` or ``EvaBlockPostNorm`` (EVA02-E: the same
+    attention, normed after it); ``None`` for any other block."""
     try:
         from timm.layers import AttentionRope
-        from timm.models.eva import EvaAttention, EvaBlock
+        from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
     except ImportError:  # pragma: no cover - timm is a dependency; an older timm has no eva blocks to record
         return None
-    if not isinstance(block, EvaBlock) or not isinstance(block.attn, (EvaAttention, AttentionRope)):
+    if not isinstance(block, EvaBlock | EvaBlockPostNorm) or not isinstance(block.attn, EvaAttention | AttentionRope):
         return None
     check_library_versions("timm")
     for name in ("num_heads", "head_dim", "scale", "num_prefix_tokens", "q_norm", "k_norm", "norm", "proj"):

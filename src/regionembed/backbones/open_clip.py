@@ -97,7 +97,9 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
     if pretrained is None or pretrained == "":
-        return open_clip.create_model(model_name, pretrained=None)
+        # open_clip moves the model to its `device` argument ('cpu' by default), which fails on meta tensors: keep it
+        # on the default device, so `with torch.device("meta"):` builds any size without allocating
+        return open_clip.create_model(model_name, pretrained=None, device=torch.get_default_device())
     if pretrained.startswith("regionembed:"):  # a model this project trains itself (weights shipped in the package)
         from ..zoo import resolve
 
@@ -194,6 +196,38 @@ def _hf_tokenizer(model_name: str, tokenizer: str | bool | None):
         if offline:
             raise _tokenizer_offline_error(model_name, hub_name) from err
         raise
+
+
+def _check_hf_text_tower(model_name: str) -> None:
+    """open_clip builds a Hugging Face text tower (``text_cfg.hf_model_name``: NLLB-CLIP, CoCa-RoBERTa) from its hub
+    config, random weights included; offline and not cached, fail now naming the way out (instead of the hub error).
+
+    Raises:
+        ImportError: ``transformers`` (``regionembed[hf]``) is not installed.
+        PretrainedWeightsUnavailable: the config is neither reachable nor cached.
+    """
+    if model_name not in open_clip.list_models():
+        return  # _create_open_clip names the unknown model
+    hub_name = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("hf_model_name")
+    if not hub_name:
+        return
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError(
+            f"{model_name}'s text tower is the Hugging Face model {hub_name}: pip install 'regionembed[hf]'"
+        )
+    if not hub_offline():
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(hub_name, local_files_only=True)
+    except OSError as err:
+        raise offline_error(
+            f"the config of {model_name}'s Hugging Face text tower {hub_name}",
+            way_out=f"open_clip builds that tower from it even with random weights. Cache it once on this machine with "
+            f"network access (`AutoConfig.from_pretrained({hub_name!r})`, or copy the Hugging Face cache, HF_HOME); "
+            "offline runs then read the cache",
+        ) from err
 
 
 def _tokenizer_offline_error(model_name: str, hub_name: str) -> PretrainedWeightsUnavailable:
@@ -307,6 +341,7 @@ class OpenCLIPBackbone(Backbone):
         self.pretrained = pretrained = normalize_pretrained(pretrained)
         self.tokenizer_path = tokenizer
         hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
+        _check_hf_text_tower(model_name)
         self.model = _create_open_clip(model_name, pretrained, cache_dir)
         size = self._init_tower(image_size)
         cfg = open_clip.get_model_preprocess_cfg(self.model)

@@ -66,7 +66,8 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
     ``re-tiny-pe``); takes the same arguments, with these differences:
 
     * ``image_size``: absolute positional embeddings are resampled and rotary embeddings rebuilt for the grid on the
-      fly (the model's own parameters are never modified).
+      fly (the model's own parameters are never modified). A native size that is not a multiple of the patch size
+      (``ViT-SO400M-14-SigLIP-384``) must be given explicitly: the error names the size with the same token grid.
     * ``alpha_checkpoint`` is refused: the released Alpha-CLIP checkpoints are OpenAI CLIP ViTs
       (``alpha_channel=True`` trains an alpha channel on these models).
 
@@ -107,7 +108,16 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
         self._patch = int(trunk.patch_embed.patch_size[0])
         self._native_grid = tuple(int(g) for g in trunk.patch_embed.grid_size)
         self._embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        size = int(image_size or visual.image_size[0])
+        native = int(visual.image_size[0])
+        if image_size is None and native % self._patch:  # ViT-SO400M-14-SigLIP-384: timm's conv drops the remainder
+            whole = native // self._patch * self._patch
+            raise UnsupportedModelError(
+                f"{model_name}: its native size {native} is not a multiple of the patch size {self._patch} (the "
+                f"model's patchify conv drops the last {native - whole} pixels; regionembed's maps and masks cover "
+                f"whole patches): pass image_size={whole}, the same {whole // self._patch}x{whole // self._patch} "
+                "token grid"
+            )
+        size = int(image_size or native)
         if size % self._patch:
             raise ValueError(f"image_size {size} is not a multiple of the patch size {self._patch}")
         # rotary embeddings: EvaBlock.forward(x, rope=...) needs the grid's embedding; a pre-hook gives it to blocks

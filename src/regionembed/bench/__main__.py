@@ -1,8 +1,9 @@
-"""``python -m regionembed.bench <benchmark> [...]``: benchmarks that print JSON records and a markdown table."""
+"""``python -m regionembed.bench <benchmark> [...]``: benchmarks and the model support table (``models``), printed as
+JSON records and a markdown table."""
 
 import sys
 
-BENCHMARKS = ("alpha", "inversion", "probe", "vlscore")
+BENCHMARKS = ("alpha", "inversion", "models", "probe", "vlscore")
 
 
 def main() -> None:
@@ -15,6 +16,10 @@ def main() -> None:
         run(sys.argv[2:])
     elif name == "inversion":
         from .inversion import main as run
+
+        run(sys.argv[2:])
+    elif name == "models":
+        from .models import main as run
 
         run(sys.argv[2:])
     elif name == "probe":
