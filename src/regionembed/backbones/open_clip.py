@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -93,13 +94,94 @@ def get_tokenizer(model_name: str, model: nn.Module | None = None):
     return tokenizer
 
 
-def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
+#: the keys of open_clip's preprocessing config that ``preprocess_cfg`` may set
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def tag_preprocess_cfg(model_name: str) -> tuple[dict[str, object], dict[str, dict[object, list[str]]]]:
+    """The preprocessing (``mean``, ``std``, ``interpolation``, ``resize_mode``) that every open_clip pretrained tag of
+    ``model_name`` declares alike, and the keys on which its tags disagree (``{key: {value: [tags]}}``).
+
+    open_clip applies a tag's preprocessing only when the weights come from that tag, so random weights or a local
+    file would otherwise get OpenAI's mean and std and shortest-side resizing, whatever the model (SigLIP and PE-Core
+    were trained with 0.5 mean and std and squash resizing).
+    """
+    cfgs = {t: open_clip.get_pretrained_cfg(model_name, t) for t in open_clip.list_pretrained_tags_by_model(model_name)}
+    agreed: dict[str, object] = {}
+    disagreed: dict[str, dict[object, list[str]]] = {}
+    for key in PREPROCESS_KEYS:
+        by_value: dict[object, list[str]] = {}
+        for tag, cfg in cfgs.items():
+            if key in cfg:
+                value = tuple(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+                by_value.setdefault(value, []).append(tag)
+        if len(by_value) == 1:
+            agreed[key] = next(iter(by_value))
+        elif by_value:
+            disagreed[key] = by_value
+    return agreed, disagreed
+
+
+def resolve_preprocess_cfg(model_name: str, pretrained: str | None, preprocess_cfg: dict | str | None) -> dict:
+    """The preprocessing overrides handed to open_clip (``force_preprocess_cfg``) for ``pretrained``.
+
+    A hub tag brings its own preprocessing (open_clip applies it); anything else (random weights, a local file, a
+    checkpoint) gets the model's tags' common preprocessing (:func:`tag_preprocess_cfg`; a key on which they
+    disagree keeps open_clip's default, with a warning naming ``preprocess_cfg``). ``preprocess_cfg`` wins over
+    both: a dict of some of :data:`PREPROCESS_KEYS`, or the name of a pretrained tag whose preprocessing to use.
+
+    Raises:
+        ValueError: naming ``preprocess_cfg``: an unknown key or tag, or a mean/std that is not three numbers.
+    """
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if isinstance(preprocess_cfg, str):
+        if preprocess_cfg not in tags:
+            raise ValueError(
+                f"preprocess_cfg={preprocess_cfg!r} is not a pretrained tag of {model_name} (tags: {tags or 'none'}); "
+                f"give a tag or a dict with keys {', '.join(PREPROCESS_KEYS)}"
+            )
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, preprocess_cfg)
+        preprocess_cfg = {k: tag_cfg[k] for k in PREPROCESS_KEYS if k in tag_cfg}
+    preprocess_cfg = dict(preprocess_cfg or {})
+    unknown = sorted(set(preprocess_cfg) - set(PREPROCESS_KEYS))
+    if unknown:
+        raise ValueError(f"preprocess_cfg: unknown keys {unknown}; expected some of {', '.join(PREPROCESS_KEYS)}")
+    for key in ("mean", "std"):
+        value = preprocess_cfg.get(key)
+        if value is not None and (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or not all(isinstance(v, (int, float)) for v in value)
+        ):
+            raise ValueError(f"preprocess_cfg: {key} must be three numbers (one per RGB channel), got {value!r}")
+    if pretrained in tags:
+        return preprocess_cfg
+    agreed, disagreed = tag_preprocess_cfg(model_name)
+    for key, by_value in disagreed.items():
+        if key not in preprocess_cfg:
+            log.warning(
+                "%s: its pretrained tags disagree on %s (%s); open_clip's default is used: set preprocess_cfg "
+                "(a tag name or {%r: ...}) to the weights' own",
+                model_name,
+                key,
+                "; ".join(f"{value} for {', '.join(t)}" for value, t in by_value.items()),
+                key,
+            )
+    return {**agreed, **preprocess_cfg}
+
+
+def _create_open_clip(
+    model_name: str, pretrained: str | None, cache_dir: str | None, preprocess_cfg: dict | str | None = None
+) -> nn.Module:
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+    force = resolve_preprocess_cfg(model_name, pretrained or None, preprocess_cfg)
     if pretrained is None or pretrained == "":
         # open_clip moves the model to its `device` argument ('cpu' by default), which fails on meta tensors: keep it
         # on the default device, so `with torch.device("meta"):` builds any size without allocating
-        return open_clip.create_model(model_name, pretrained=None, device=torch.get_default_device())
+        return open_clip.create_model(
+            model_name, pretrained=None, device=torch.get_default_device(), force_preprocess_cfg=force
+        )
     if pretrained.startswith("regionembed:"):  # a model this project trains itself (weights shipped in the package)
         from ..zoo import resolve
 
@@ -107,7 +189,7 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
     if looks_like_path(pretrained):
         path = resolve_local_file(pretrained)
         if path.endswith(".ckpt"):  # a regionembed Lightning checkpoint (e.g. from train.py fit)
-            model = open_clip.create_model(model_name, pretrained=None)
+            model = open_clip.create_model(model_name, pretrained=None, force_preprocess_cfg=force)
             state = load_lightning_backbone_state(path)
             try:
                 model.load_state_dict(state, strict=True)
@@ -115,7 +197,7 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
                 raise weights_error(path, err, model_name) from err
             return model
         try:
-            return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir)
+            return open_clip.create_model(model_name, pretrained=path, cache_dir=cache_dir, force_preprocess_cfg=force)
         except Exception as err:  # torch, safetensors and open_clip raise many types; name the file either way
             raise weights_error(path, err, model_name) from err
     tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -130,7 +212,9 @@ def _create_open_clip(model_name: str, pretrained: str | None, cache_dir: str | 
         raise offline_error(f"open_clip weights {model_name}/{pretrained}", example)
     try:
         with _quiet_open_clip_errors(offline):
-            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+            return open_clip.create_model(
+                model_name, pretrained=pretrained, cache_dir=cache_dir, force_preprocess_cfg=force
+            )
     except Exception as err:  # hub errors come in many types; re-raise with the way out
         if offline:
             raise offline_error(f"open_clip weights {model_name}/{pretrained}", example) from err
@@ -300,6 +384,11 @@ class OpenCLIPBackbone(Backbone):
             snapshot); ``None`` loads it from the hub (or fails at once offline, naming this argument). ``False``
             builds no tokenizer, for any model (image-side use only: explainers and MaskInversion with given
             targets, benchmarks; ``tokenize`` then raises).
+        preprocess_cfg: the image preprocessing, over open_clip's (``mean``, ``std``, ``interpolation``,
+            ``resize_mode``; a dict of some of them, or the name of a pretrained tag whose preprocessing to use).
+            By default a hub tag brings its own, and anything else (random weights, a local file, a checkpoint)
+            gets what the model's pretrained tags declare alike (:func:`tag_preprocess_cfg`; SigLIP: mean and std
+            0.5, squash), not open_clip's OpenAI default.
     """
 
     #: whether ``alpha_checkpoint=`` can load into this adapter's tower
@@ -314,6 +403,7 @@ class OpenCLIPBackbone(Backbone):
         alpha_channel: bool = False,
         alpha_checkpoint: str | None = None,
         tokenizer: str | bool | None = None,
+        preprocess_cfg: dict[str, Any] | str | None = None,
     ) -> OpenCLIPBackbone:
         # the full signature, as __init__'s: jsonargparse reads a class's parameters from __new__ when it has one
         if cls is OpenCLIPBackbone:  # dispatch on the tower; a subclass named explicitly is built as asked
@@ -329,6 +419,7 @@ class OpenCLIPBackbone(Backbone):
         alpha_channel: bool = False,
         alpha_checkpoint: str | None = None,
         tokenizer: str | bool | None = None,
+        preprocess_cfg: dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         check_library_versions("open_clip")
@@ -342,7 +433,8 @@ class OpenCLIPBackbone(Backbone):
         self.tokenizer_path = tokenizer
         hf_tokenizer = _hf_tokenizer(model_name, tokenizer)  # before the weights: fail fast on the cheap part
         _check_hf_text_tower(model_name)
-        self.model = _create_open_clip(model_name, pretrained, cache_dir)
+        self.preprocess_cfg = preprocess_cfg
+        self.model = _create_open_clip(model_name, pretrained, cache_dir, preprocess_cfg)
         size = self._init_tower(image_size)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         self._preprocess = PreprocessSpec(
