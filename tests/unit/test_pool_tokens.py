@@ -134,7 +134,11 @@ def test_create_graph_explainers_differentiate_through_the_pool(backbone):
     assert torch.isfinite(grad).all()
     for pooling in ("legrad", "gradcam"):
         maps, _ = grad_attention_maps(
-            backbone, image, lambda f: (F.normalize(f, dim=-1) * target).sum(-1), layer=0, pooling=pooling,
+            backbone,
+            image,
+            lambda f: (F.normalize(f, dim=-1) * target).sum(-1),
+            layer=0,
+            pooling=pooling,
             create_graph=True,
         )
         (grad,) = torch.autograd.grad(maps.sum(), target)

@@ -246,7 +246,8 @@ class TokenGridBackbone(Backbone):
     """A vision transformer: patch tokens on a grid, run through a stack of attention blocks.
 
     Subclasses implement :meth:`input_tokens`, :attr:`blocks`, :meth:`pool_tokens` (with its ``explicit_attention``
-    switch), :meth:`legrad_head` and :meth:`block_parts` (besides :class:`Backbone`'s ``embed_dim``, ``preprocess``, ``patch_size``).
+    switch), :meth:`legrad_head` and :meth:`block_parts` (besides :class:`Backbone`'s ``embed_dim``, ``preprocess``,
+    ``patch_size``).
     """
 
     capability = "a token-grid (vision transformer) backbone"

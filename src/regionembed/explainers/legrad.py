@@ -117,7 +117,8 @@ class LeGrad(Explainer):
                 if pool:
                     features, probs = attention_pool_features(backbone, record.out)  # probs [B, H, Q, T']
                 else:
-                    features = legrad_layer_features(backbone, record.out, self.pooling, explicit_attention=create_graph)
+                    # create_graph differentiates through the pooling head twice: an attention pool runs explicitly
+                    features = legrad_layer_features(backbone, record.out, self.pooling, create_graph)
                     probs = record.probs
                 score = (targets * features).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
