@@ -217,23 +217,19 @@ class MaskInversion:
         if not uses_legrad_strategies(self.explainer):
             return "explainer"
         layers = self.explainer.layers
-        pool = uses_attention_pool(backbone)
-        if self.strategy == "attention_pool" and pool:
+        # LeGrad on an attention-pool head differentiates the pool's attention: its own tabulated strategy, if the
+        # table fits the budget
+        if uses_attention_pool(backbone) and self.strategy in ("auto", "attention_pool"):
             table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
             if not self._within_budget(table):
-                heads, queries, keys = attention_pool_shape(backbone, image_size)
-                raise ValueError(
-                    f"strategy 'attention_pool' would tabulate about {table.memory / 2**20:.1f} MB "
-                    f"(D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys} floats for each of {len(layers)} "
-                    "layer(s)), more than "
-                    f"memory_budget_mb={self.memory_budget_mb:g}; raise memory_budget_mb, explain fewer layers, or use "
-                    "strategy 'auto', which runs 'naive' instead"
-                )
-        if self.strategy != "auto":
-            return self.strategy
-        if pool:  # LeGrad differentiates the pool's attention: its own tabulated strategy, if the table fits
-            table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
-            if not self._within_budget(table):
+                if self.strategy == "attention_pool":
+                    heads, queries, keys = attention_pool_shape(backbone, image_size)
+                    raise ValueError(
+                        f"strategy 'attention_pool' would tabulate about {table.memory / 2**20:.1f} MB "
+                        f"(D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys} floats for each of "
+                        f"{len(layers)} layer(s)), more than memory_budget_mb={self.memory_budget_mb:g}; raise "
+                        "memory_budget_mb, explain fewer layers, or use strategy 'auto', which runs 'naive' instead"
+                    )
                 log.info(
                     "MaskInversion: strategy auto runs 'naive' (the attention_pool table, about %.1f MB, is over "
                     "memory_budget_mb=%g)",
@@ -241,8 +237,11 @@ class MaskInversion:
                     self.memory_budget_mb,
                 )
                 return "naive"
-            log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
-            return "attention_pool"
+            if self.strategy == "auto":
+                log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
+                return "attention_pool"
+        if self.strategy != "auto":
+            return self.strategy
         issue = decomposition_issue(backbone, layers)
         if issue is not None:
             log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
