@@ -10,7 +10,14 @@ from conftest import make_masks
 from regionembed.backbones import UnsupportedModelError
 from regionembed.explainers import LeGrad
 from regionembed.inversion import MaskInversion
-from regionembed.inversion.strategies import STRATEGIES, PerStepStrategy, PrecomputedStrategy, decomposition_issue
+from regionembed.inversion.strategies import (
+    STRATEGIES,
+    PerStepStrategy,
+    PrecomputedStrategy,
+    attention_pool_shape,
+    decomposition_issue,
+    estimate_costs,
+)
 
 FAST = ["naive_lean", "per_step", "precomputed"]
 
@@ -110,3 +117,53 @@ def test_auto_falls_back_to_naive_when_the_block_tail_does_not_fit(tiny_backbone
     assert "strategy auto runs 'naive'" in caplog.text and "pre-norm form" in caplog.text
     with pytest.raises(UnsupportedModelError, match=r"per_step strategy cannot run.*strategy='naive'"):
         MaskInversion(strategy="per_step")(tiny_backbone, torch.randn(1, 3, 32, 32), make_masks(2, 16, 16))
+
+
+@pytest.fixture(scope="module", params=["re-tiny-coca", "re-tiny-siglip"])
+def pool_backbone(request):
+    from regionembed.backbones import OpenCLIPBackbone
+
+    torch.manual_seed(0)
+    return OpenCLIPBackbone(request.param, tokenizer=False).requires_grad_(False)
+
+
+def test_attention_pool_estimate_is_the_table_it_builds(pool_backbone):
+    """The memory estimate of ``attention_pool`` is the size of the tables the strategy allocates (D x H*Q*T' floats
+    per layer), at the native size and another one."""
+    b = pool_backbone
+    for size, layers in ((32, [-1]), (48, [0, 1])):
+        strategy = STRATEGIES["attention_pool"](b, torch.randn(1, 3, size, size), layers, 2, 1e-12)
+        built = sum(table.numel() * table.element_size() for table in strategy.tables)
+        estimate = estimate_costs(b, size, 2, 10, len(layers))
+        assert set(estimate) == {"attention_pool"}  # the decomposed strategies do not apply to a pool head
+        assert estimate["attention_pool"].memory == built
+        heads, queries, keys = attention_pool_shape(b, size)
+        assert strategy.tables[0].shape == (b.embed_dim, heads * queries * keys)
+
+
+def test_attention_pool_respects_the_memory_budget(pool_backbone, caplog):
+    b = pool_backbone
+    image, masks = torch.randn(1, 3, 32, 32), make_masks(2, 32, 32)
+    table_mb = estimate_costs(b, 32, 2, 2, 1)["attention_pool"].memory / 2**20
+    tiny = table_mb / 2
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        result = MaskInversion(iterations=2, memory_budget_mb=tiny)(b, image, masks)
+    assert result.strategy == "naive"  # auto falls back, saying why
+    assert "strategy auto runs 'naive'" in caplog.text and f"memory_budget_mb={tiny:g}" in caplog.text
+    assert MaskInversion(memory_budget_mb=table_mb).plan(b, 32, 2) == "attention_pool"  # the budget is inclusive
+    with pytest.raises(ValueError, match=rf"about {table_mb:.1f} MB .*memory_budget_mb={tiny:g}"):
+        MaskInversion(strategy="attention_pool", memory_budget_mb=tiny)(b, image, masks)
+    with pytest.raises(ValueError, match=r"each of 2 layer"):  # two tables: twice the memory
+        MaskInversion(LeGrad((0, 1)), strategy="attention_pool", memory_budget_mb=table_mb * 1.5).plan(b, 32, 2)
+    assert MaskInversion(strategy="attention_pool", memory_budget_mb=table_mb).plan(b, 32, 2) == "attention_pool"
+
+
+def test_bench_records_the_table_estimate():
+    from regionembed.bench.inversion import markdown_table, run_case
+
+    pool = run_case("re-tiny-coca", 32, 2, 1, "attention_pool")
+    plain = run_case("re-tiny-vit", 32, 2, 1, "per_step")
+    assert pool["ran"] == "attention_pool" and pool["table_estimate_mb"] == 0.1  # 32 x 4 x 8 x 17 floats: 0.07 MB
+    assert plain["table_estimate_mb"] is None  # no table
+    rows = markdown_table([pool, plain]).splitlines()
+    assert rows[2].split("|")[10].strip() == "0.1" and rows[3].split("|")[10].strip() == "-"

@@ -245,8 +245,9 @@ class Backbone(nn.Module, abc.ABC):
 class TokenGridBackbone(Backbone):
     """A vision transformer: patch tokens on a grid, run through a stack of attention blocks.
 
-    Subclasses implement :meth:`input_tokens`, :attr:`blocks`, :meth:`pool_tokens`, :meth:`legrad_head` and
-    :meth:`block_parts` (besides :class:`Backbone`'s ``embed_dim``, ``preprocess``, ``patch_size``).
+    Subclasses implement :meth:`input_tokens`, :attr:`blocks`, :meth:`pool_tokens` (with its ``explicit_attention``
+    switch), :meth:`legrad_head` and :meth:`block_parts` (besides :class:`Backbone`'s ``embed_dim``, ``preprocess``,
+    ``patch_size``).
     """
 
     capability = "a token-grid (vision transformer) backbone"
@@ -273,8 +274,17 @@ class TokenGridBackbone(Backbone):
         """
 
     @abc.abstractmethod
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's own pooling and projection of the last block's output: ``[B, T, C] -> [B, D]``."""
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        """The model's own pooling and projection of the last block's output: ``[B, T, C] -> [B, D]``.
+
+        Args:
+            tokens: ``[B, T, C]`` output of the last block (or of any block, for per-layer scores).
+            explicit_attention: run an attention-pool head (:class:`AttentionPoolHead`) with an explicit softmax, so
+                that the embedding is twice differentiable with respect to ``tokens`` (fused attention kernels have
+                no double backward; Grad-CAM needs it when it drives MaskInversion). The same outputs to float
+                tolerance; a pooling without attention ([CLS] token, mean) is twice differentiable either way and
+                ignores it. As :meth:`FeatureMapBackbone.pool_features` has it for a ResNet's attention pool.
+        """
 
     @abc.abstractmethod
     def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:

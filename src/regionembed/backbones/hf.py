@@ -254,10 +254,17 @@ class HFBackbone(TokenGridBackbone, AttentionPoolHead):
         x = x + emb.interpolate_pos_encoding(x, height, width).to(x.dtype)
         return vision.pre_layrnorm(x) if self.family == "clip" else x
 
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        """CLIP: ``post_layernorm`` of [CLS] and ``visual_projection`` (``explicit_attention`` changes nothing).
+        SigLIP: ``post_layernorm`` and the attention-pool head; with ``explicit_attention`` the head's
+        ``nn.MultiheadAttention`` runs :class:`~regionembed.backbones.attention.MHAPoolRecorder`'s explicit softmax
+        (twice differentiable whatever kernel ``torch`` would pick)."""
         vision = self.model.vision_model
         if self.family == "clip":
             return self.model.visual_projection(vision.post_layernorm(tokens[:, 0]))
+        if explicit_attention:
+            with MHAPoolRecorder(vision.head.attention, leaf_probs=False):
+                return vision.head(vision.post_layernorm(tokens))
         return vision.head(vision.post_layernorm(tokens))
 
     def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:

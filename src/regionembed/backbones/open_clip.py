@@ -602,7 +602,8 @@ class OpenCLIPViTBackbone(OpenCLIPBackbone, TokenGridBackbone):
         x = visual.patch_dropout(x)
         return visual.ln_pre(x)
 
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        # [CLS] or mean pooling: no attention in the head, ``explicit_attention`` changes nothing
         visual = self.model.visual
         pooled, _ = visual._pool(tokens)
         return pooled @ visual.proj if visual.proj is not None else pooled
@@ -666,6 +667,14 @@ class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
 
     legrad_recipe = "coca"
 
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        """open_clip's pooling (the attentional pooler, ``ln_post``, ``proj``); with ``explicit_attention`` the
+        pooler's attention runs the recorder's explicit softmax (open_clip's call goes to a fused kernel, which has
+        no double backward)."""
+        if not explicit_attention:
+            return super().pool_tokens(tokens)
+        return self._recorded_pool(tokens, super().pool_tokens, leaf_probs=False)[0]
+
     def attention_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._recorded_pool(tokens, self.pool_tokens)
 
@@ -680,9 +689,9 @@ class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
 
         return self._recorded_pool(tokens, first_query)
 
-    def _recorded_pool(self, tokens: torch.Tensor, head) -> tuple[torch.Tensor, torch.Tensor]:
+    def _recorded_pool(self, tokens: torch.Tensor, head, leaf_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self.model.visual.attn_pool
-        with AttentionRecorder([pool], [0]) as rec:
+        with AttentionRecorder([pool], [0], leaf_probs=leaf_probs) as rec:
             embedding = head(tokens)
         probs = rec.records[0].probs
         if probs is None:  # the pooler no longer calls its attention module: an open_clip this was not written for

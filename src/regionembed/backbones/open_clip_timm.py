@@ -204,13 +204,14 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
             return tokens
         return tokens[:, self.num_prefix_tokens :]
 
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        """timm's pooling (the ``map`` attention pool, or the [CLS] token of EVA02) and the heads after it; with
+        ``explicit_attention`` an attention pool runs :func:`~regionembed.backbones.attention.attention_pool_forward`
+        (the same parameters; timm's own call goes to a fused kernel, which has no double backward)."""
         trunk = self.trunk
         x = trunk.norm(tokens)
-        if trunk.attn_pool is None:
+        if not explicit_attention or trunk.attn_pool is None:
             return self._after_pool(trunk.pool(x))
-        # the explicit pool (same parameters, same outputs): SDPA has no double backward, which Grad-CAM inside
-        # MaskInversion needs
         return self._after_pool(attention_pool_forward(trunk.attn_pool, self._pool_input(x), leaf_probs=False)[0])
 
     def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,8 @@ class TimmBackbone(TokenGridBackbone):
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
-    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
+        # attention-pool ViTs are refused at construction: the head has no attention, ``explicit_attention`` is moot
         return self.model.forward_head(self.model.norm(tokens))
 
     def legrad_head(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 Every case runs in a fresh subprocess (so peak memory is that case's own) on the same randomly initialised model,
 image and masks; all cases of one invocation run side by side on the same machine, so their ratios are comparable.
+For the table strategies (``precomputed``, ``attention_pool``) the record also has the solver's own estimate of the
+table (``table_estimate_mb``, what ``memory_budget_mb`` is checked against) beside the measured peak.
 
     python -m regionembed.bench inversion --models ViT-B-16 --masks 1 16 100 --iterations 10 --sizes 224
 """
@@ -59,7 +61,7 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
     import torch
 
     from regionembed.backbones import OpenCLIPBackbone
-    from regionembed.inversion import MaskInversion
+    from regionembed.inversion import MaskInversion, estimate_costs
 
     torch.manual_seed(seed)
     # no text is encoded here, so no tokenizer (SigLIP's would come from the hub)
@@ -77,6 +79,10 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         start = time.perf_counter()
         result = solver(backbone, image, target)
         wall = time.perf_counter() - start
+    table = None  # the solver's estimate of a table strategy's memory, what memory_budget_mb is checked against
+    if result.strategy in ("precomputed", "attention_pool"):
+        costs = estimate_costs(backbone, size, masks, iterations, len(solver.explainer.layers))
+        table = round(costs[result.strategy].memory / 2**20, 1)
     return {
         "model": model,
         "image_size": size,
@@ -88,6 +94,7 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         "s_per_mask": round(wall / masks, 5),
         "peak_rss_mb": round(_max_rss_mb(), 1),
         "peak_over_baseline_mb": round(rss.peak - rss.start, 1),
+        "table_estimate_mb": table,
         "final_loss": round(float(result.loss_history[-1]), 6),
         "threads": torch.get_num_threads(),
     }
@@ -128,8 +135,11 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    head = "| model | size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB | vs naive |"
-    lines = [head, "|" + "---|" * 10]
+    head = (
+        "| model | size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB "
+        "| table estimate MB | vs naive |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for r in records:
         if "wall_s" not in r:
             lines.append(
@@ -141,7 +151,8 @@ def markdown_table(records: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['image_size']} | {r['masks']} | {r['iterations']} | {name} | {r['wall_s']:.2f} | "
             f"{r['s_per_mask']:.3f} | {r.get('marginal_s_per_mask', float('nan')):.3f} | "
-            f"{r['peak_over_baseline_mb']:.0f} | {r.get('speedup_vs_naive', float('nan')):.1f}x |"
+            f"{r['peak_over_baseline_mb']:.0f} | {r.get('table_estimate_mb') or '-'} | "
+            f"{r.get('speedup_vs_naive', float('nan')):.1f}x |"
         )
     return "\n".join(lines)
 

@@ -73,13 +73,15 @@ def grad_attention_maps(
     (index,) = backbone.layer_indices([layer])
     grid = backbone.grid_size(tuple(image.shape[-2:]))
     prefix = backbone.num_prefix_tokens
-    # The map's own backward (create_graph) runs through the backward of every block from `index` on: those blocks
-    # need the explicit attention of the recorder, fused attention kernels have no double backward.
+    # The map's own backward (create_graph) runs through the backward of every block from `index` on and of the
+    # pooling head: they need explicit attention (the recorder's, ``explicit_attention``), fused kernels have no
+    # double backward.
     tail = list(range(index if pooling == "legrad" else index + 1, len(backbone.blocks)))
     recorded = tail if create_graph else ([index] if pooling == "legrad" else [])
     with torch.enable_grad(), AttentionRecorder(backbone.blocks, recorded) as rec:
         if pooling == "legrad":
-            features = backbone.pool_tokens(backbone.forward_blocks(backbone.embed_tokens(image)))
+            tokens = backbone.forward_blocks(backbone.embed_tokens(image))
+            features = backbone.pool_tokens(tokens, explicit_attention=create_graph)  # an attention pool, too
             wrt = rec.records[index].probs
         else:
             tokens = backbone.forward_blocks(backbone.embed_tokens(image), stop=index + 1)
@@ -88,7 +90,7 @@ def grad_attention_maps(
             wrt = tokens
             for blk in list(backbone.blocks)[index + 1 :]:
                 tokens = blk(tokens)
-            features = backbone.pool_tokens(tokens)
+            features = backbone.pool_tokens(tokens, explicit_attention=create_graph)
     with torch.enable_grad():
         scores = score_fn(features)
         if scores.shape != (image.shape[0],):

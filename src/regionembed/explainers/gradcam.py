@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.attention import AttentionRecorder
-from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require, uses_attention_pool
+from ..backbones.base import Backbone, FeatureMapBackbone, TokenGridBackbone, require
 from ..grad_mode import require_grad_mode
 from .base import Explainer, min_max
 
@@ -88,7 +88,8 @@ def layer_activations(
         leaf: when grad mode is on and nothing upstream requires grad (frozen model, plain image), make the
             activations an autograd leaf so that gradients with respect to them exist.
         twice_differentiable: make the embedding twice differentiable with respect to the activations (needed when
-            gradients are taken with ``create_graph``; attention after ``layer`` then runs with an explicit softmax).
+            gradients are taken with ``create_graph``; attention after ``layer``, the pooling head's included, then
+            runs with an explicit softmax: ``pool_tokens``/``pool_features`` with ``explicit_attention``).
     """
     layer = resolve_layer(backbone, layer)
     convolutional = isinstance(backbone, FeatureMapBackbone)
@@ -113,10 +114,7 @@ def layer_activations(
                 x = source
                 for blk in blocks[layer + 1 :]:
                     x = blk(x)
-            if twice_differentiable and uses_attention_pool(backbone):
-                embedding = backbone.attention_pool_embed(x)[0]  # the pool's explicit attention, same outputs
-            else:
-                embedding = backbone.pool_tokens(x)
+            embedding = backbone.pool_tokens(x, explicit_attention=twice_differentiable)
     return LayerActivations(source=source, embedding=embedding, prefix=prefix, grid=grid)
 
 

@@ -42,15 +42,18 @@ def record_layers(backbone: Backbone, image: torch.Tensor, layers: Sequence[int]
     return rec
 
 
-def legrad_layer_features(backbone: Backbone, block_out: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+def legrad_layer_features(
+    backbone: Backbone, block_out: torch.Tensor, pooling: str = "mean", explicit_attention: bool = False
+) -> torch.Tensor:
     """LeGrad's per-layer image feature, ``[B, T, C] -> [B, D]``.
 
     ``pooling="mean"``: ``normalize(head(mean over all tokens))``, as the official LeGrad. ``"model"``: the model's
     own pooling and projection (``backbone.pool_tokens``: the [CLS] token for CLIP ViTs, the patch mean for
-    average-pooled ones), so the score follows the route the model classifies through.
+    average-pooled ones, the attention pool of CoCa/SigLIP/PE), so the score follows the route the model classifies
+    through; ``explicit_attention`` makes an attention pool twice differentiable (maps taken with ``create_graph``).
     """
     if pooling == "model":
-        return F.normalize(backbone.pool_tokens(block_out), dim=-1)
+        return F.normalize(backbone.pool_tokens(block_out, explicit_attention=explicit_attention), dim=-1)
     return F.normalize(backbone.legrad_head(block_out.mean(dim=1)), dim=-1)
 
 
@@ -114,7 +117,9 @@ class LeGrad(Explainer):
                 if pool:
                     features, probs = attention_pool_features(backbone, record.out)  # probs [B, H, Q, T']
                 else:
-                    features, probs = legrad_layer_features(backbone, record.out, self.pooling), record.probs
+                    # create_graph differentiates through the pooling head twice: an attention pool runs explicitly
+                    features = legrad_layer_features(backbone, record.out, self.pooling, create_graph)
+                    probs = record.probs
                 score = (targets * features).sum()
                 retain = create_graph or recorder is not None or i < len(layers) - 1
                 (grad,) = torch.autograd.grad(score, probs, create_graph=create_graph, retain_graph=retain)

@@ -23,8 +23,10 @@ from ..losses import dice_loss
 from .strategies import (
     LEGRAD_ALTERNATIVE,
     STRATEGIES,
+    CostEstimate,
     ExplainerStrategy,
     MapStrategy,
+    attention_pool_shape,
     decomposition_issue,
     estimate_costs,
 )
@@ -122,7 +124,9 @@ class MaskInversion:
             ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (attention-pool heads:
             SigLIP, SigLIP2, PE-Core, CoCa, HF SigLIP; see :mod:`regionembed.inversion.strategies`; these need the
             official LeGrad).
-        memory_budget_mb: largest precomputed table ``auto`` may allocate.
+        memory_budget_mb: largest table (``precomputed``, ``attention_pool``) ``auto`` may allocate; over it,
+            ``auto`` runs ``per_step`` (or ``naive`` on an attention-pool head) and an explicit
+            ``strategy="attention_pool"`` raises ``ValueError``.
 
     Raises:
         ValueError: a setting out of range, an explainer that is not differentiable, or a fixed strategy with an
@@ -204,24 +208,53 @@ class MaskInversion:
             raise ValueError(f"layers={list(layers)}: {err} (negative indices count from the end)") from err
 
     def plan(self, backbone: Backbone, image_size: int, num_masks: int) -> str:
-        """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``."""
+        """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``.
+
+        Raises:
+            ValueError: ``strategy="attention_pool"`` whose table (:func:`~regionembed.inversion.strategies.
+                estimate_costs`) is larger than ``memory_budget_mb``; ``auto`` falls back to ``naive`` instead.
+        """
         if not uses_legrad_strategies(self.explainer):
             return "explainer"
+        layers = self.explainer.layers
+        # LeGrad on an attention-pool head differentiates the pool's attention: its own tabulated strategy, if the
+        # table fits the budget
+        if uses_attention_pool(backbone) and self.strategy in ("auto", "attention_pool"):
+            table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
+            if not self._within_budget(table):
+                if self.strategy == "attention_pool":
+                    heads, queries, keys = attention_pool_shape(backbone, image_size)
+                    raise ValueError(
+                        f"strategy 'attention_pool' would tabulate about {table.memory / 2**20:.1f} MB "
+                        f"(D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys} floats for each of "
+                        f"{len(layers)} layer(s)), more than memory_budget_mb={self.memory_budget_mb:g}; raise "
+                        "memory_budget_mb, explain fewer layers, or use strategy 'auto', which runs 'naive' instead"
+                    )
+                log.info(
+                    "MaskInversion: strategy auto runs 'naive' (the attention_pool table, about %.1f MB, is over "
+                    "memory_budget_mb=%g)",
+                    table.memory / 2**20,
+                    self.memory_budget_mb,
+                )
+                return "naive"
+            if self.strategy == "auto":
+                log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
+                return "attention_pool"
         if self.strategy != "auto":
             return self.strategy
-        layers = self.explainer.layers
-        if uses_attention_pool(backbone):  # LeGrad differentiates the pool's attention: its own tabulated strategy
-            log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
-            return "attention_pool"
         issue = decomposition_issue(backbone, layers)
         if issue is not None:
             log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
             return "naive"
         costs = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))
         pre, per = costs["precomputed"], costs["per_step"]
-        if pre.macs < per.macs and pre.memory <= self.memory_budget_mb * 2**20:
+        if pre.macs < per.macs and self._within_budget(pre):
             return "precomputed"
         return "per_step"
+
+    def _within_budget(self, cost: CostEstimate) -> bool:
+        """Whether a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``."""
+        return cost.memory <= self.memory_budget_mb * 2**20
 
     def _strategy(self, backbone: Backbone, image: torch.Tensor, num_masks: int) -> MapStrategy:
         name = self.plan(backbone, image.shape[-1], num_masks)

@@ -45,7 +45,14 @@ from ..backbones.base import Backbone, TokenGridBackbone, require, uses_attentio
 from ..explainers.base import Explainer, min_max, relevance_to_map
 from ..explainers.legrad import LeGrad, attention_pool_features, attention_pool_map
 
-__all__ = ["STRATEGIES", "CostEstimate", "MapStrategy", "decomposition_issue", "estimate_costs"]
+__all__ = [
+    "STRATEGIES",
+    "CostEstimate",
+    "MapStrategy",
+    "attention_pool_shape",
+    "decomposition_issue",
+    "estimate_costs",
+]
 
 #: what the LeGrad strategies (all but ``explainer``) need instead, for the error message
 LEGRAD_ALTERNATIVE = "a CAM explainer, MaskInversion(explainer=GradCAM(normalize=False))"
@@ -373,12 +380,15 @@ class AttentionPoolStrategy(MapStrategy):
     image: ``g = normalize(f)`` for SigLIP, the raw CoCa pool embedding for CoCa), so ``ds/dP = e @ J`` with
     ``J = dg / dP`` ``[D, H*Q*T]`` per layer, tabulated once
     (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
-    queries: a ``[N, D] x [D, H*Q*T]`` product (about 7 MB of table per layer for ViT-B-16-SigLIP at 224 px).
+    queries: a ``[N, D] x [D, H*Q*T]`` product. The table takes ``4 * D * H * Q * T'`` bytes per layer
+    (:func:`attention_pool_shape`; CoCa's 256 queries make it large), which the solver checks against
+    ``memory_budget_mb`` before building this strategy (:func:`estimate_costs`).
     """
 
     name = "attention_pool"
-    #: basis vectors per batched backward pass while tabulating
-    CHUNK = 64
+    #: basis vectors per batched backward pass while tabulating: the pass's working memory is a few gradients of the
+    #: pool's attention per vector, so a small chunk keeps the peak near the table (measured in docs/maskinversion.md)
+    CHUNK = 16
 
     def __init__(self, backbone, image, layers, num_masks, eps):
         require(backbone, TokenGridBackbone, "MaskInversion with LeGrad maps", alternative=LEGRAD_ALTERNATIVE)
@@ -400,13 +410,14 @@ class AttentionPoolStrategy(MapStrategy):
                 features, probs = attention_pool_features(backbone, rec.records[layer].out.detach())
                 features = features[0]  # [D]
                 eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
-                rows = []
-                for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes, a chunk at a time (memory)
+                # filled in place, a chunk at a time: the peak is the table and one chunk, not twice the table
+                table = features.new_empty(features.shape[0], probs[0].numel())  # [D, H*Q*T']
+                for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes
                     (part,) = torch.autograd.grad(
                         features, probs, grad_outputs=eye[i : i + self.CHUNK], is_grads_batched=True, retain_graph=True
                     )
-                    rows.append(part.flatten(1))
-            self.tables.append(torch.cat(rows).detach())  # [D, H*Q*T']
+                    table[i : i + self.CHUNK] = part.flatten(1)
+            self.tables.append(table)
             self._shape = tuple(probs.shape[1:])
 
     def maps(self, e):
@@ -454,15 +465,40 @@ def decomposition_issue(backbone: Backbone, layers: Sequence[int]) -> str | None
     return None
 
 
-def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
-    """Rough cost of each strategy for ``num_masks`` masks and ``iterations`` steps on a square image.
+def attention_pool_shape(backbone: TokenGridBackbone, image_size: int) -> tuple[int, int, int]:
+    """``(H, Q, T')`` of the pool's attention ``[B, H, Q, T']`` on a square ``image_size`` image of an attention-pool
+    backbone (:func:`~regionembed.backbones.base.uses_attention_pool`): heads, queries and the tokens the pool reads.
 
-    Needs a backbone the decomposition fits (:func:`decomposition_issue` is ``None``).
+    Read from one pool forward of a blank image's input tokens (no block runs), so it holds for any adapter.
+    """
+    param = next(backbone.parameters())
+    blank = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
+    with torch.no_grad():
+        _, probs = backbone.attention_pool_embed(backbone.embed_tokens(blank))
+    heads, queries, keys = probs.shape[1:]
+    return int(heads), int(queries), int(keys)
+
+
+def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
+    """Rough cost of each strategy that fits ``backbone``, for ``num_masks`` masks and ``iterations`` steps on a
+    square image.
+
+    On an attention-pool head (:func:`~regionembed.backbones.base.uses_attention_pool`) that is ``attention_pool``
+    alone: its memory is the table, ``4 * D * H * Q * T'`` bytes per layer (:func:`attention_pool_shape`), and its
+    multiply-adds the ``[N, D] x [D, H*Q*T']`` product of every step (forward and backward; the tabulation and the
+    image forward are left out: nothing is chosen by them). Otherwise the backbone must fit the decomposition
+    (:func:`decomposition_issue` is ``None``) and the result has ``naive``, ``naive_lean``, ``per_step`` and
+    ``precomputed``.
 
     Counts the dominant matrix products: the image forward, the MLP/projection/attention products of the block tail
     per token (``T * (4C*C + C*C) + H*T*T*dh``), a backward at about twice a forward, the N image copies of
     ``naive``, and the ``D`` basis evaluations of ``precomputed``.
     """
+    d = backbone.embed_dim
+    if uses_attention_pool(backbone):
+        table = d * math.prod(attention_pool_shape(backbone, image_size))  # floats per layer
+        macs = num_layers * iterations * 3 * num_masks * table
+        return {"attention_pool": CostEstimate("attention_pool", macs, 4.0 * num_layers * table)}
     blocks = backbone.blocks
     parts = backbone.block_parts(blocks[-1])
     width = parts.out_proj_weight.shape[0]
@@ -471,7 +507,6 @@ def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int,
     h, dh = parts.num_heads, parts.head_dim
     grid = backbone.grid_size(image_size)
     t = backbone.num_prefix_tokens + math.prod(grid)
-    d = backbone.embed_dim
     block = t * (3 * width * attn_dim + attn_dim * width + 2 * width * hidden) + 2 * h * t * t * dh
     forward = len(blocks) * block
     tail = t * (hidden * width + width * attn_dim) + h * t * t * dh  # one token vector -> G
