@@ -62,6 +62,74 @@ def test_preprocess_spec_comes_from_the_model(tiny_backbone, timm_backbone):
     assert timm_backbone.preprocess.std == tuple(tcfg["std"])
 
 
+@pytest.mark.parametrize(
+    ("name", "tag"), [("ViT-B-16-SigLIP", "webli"), ("PE-Core-B-16", "meta"), ("ViT-B-16", "openai")]
+)
+def test_random_weights_get_the_models_own_preprocessing(name, tag):
+    """open_clip applies a tag's preprocessing only when the weights come from the tag; without one, a model whose
+    tags agree gets theirs (SigLIP/PE: 0.5 mean and std, squash; PE: bilinear), not OpenAI's defaults."""
+    import open_clip
+
+    want = open_clip.get_pretrained_cfg(name, tag)
+    with torch.device("meta"):
+        b = OpenCLIPBackbone(name, tokenizer=False)
+    spec = b.preprocess
+    assert (spec.mean, spec.std) == (tuple(want["mean"]), tuple(want["std"]))
+    assert (spec.interpolation, spec.resize_mode) == (want["interpolation"], want["resize_mode"])
+
+
+@pytest.fixture
+def tagged_tiny(monkeypatch):
+    """re-tiny-vit given two fake pretrained tags (what open_clip's registry says for real models): they agree on
+    0.5 mean and std, and disagree on the resize mode."""
+    import open_clip
+
+    cfgs = {
+        "a": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash"},
+        "b": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "shortest"},
+    }
+    tags, get_cfg = open_clip.list_pretrained_tags_by_model, open_clip.get_pretrained_cfg
+    monkeypatch.setattr(
+        open_clip, "list_pretrained_tags_by_model", lambda m: list(cfgs) if m == "re-tiny-vit" else tags(m)
+    )
+    monkeypatch.setattr(
+        open_clip, "get_pretrained_cfg", lambda m, t: dict(cfgs[t]) if m == "re-tiny-vit" else get_cfg(m, t)
+    )
+    return cfgs
+
+
+def test_local_weights_get_the_tags_common_preprocessing(tmp_path, tiny_backbone, tagged_tiny, caplog):
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
+    with caplog.at_level("WARNING", logger="regionembed.backbones.open_clip"):
+        b = OpenCLIPBackbone("re-tiny-vit", pretrained=str(path))
+    assert (b.preprocess.mean, b.preprocess.std) == ((0.5,) * 3, (0.5,) * 3)  # the tags agree
+    assert b.preprocess.resize_mode == tiny_backbone.preprocess.resize_mode == "shortest"  # they don't: default
+    assert (
+        "disagree on resize_mode" in caplog.text and "preprocess_cfg" in caplog.text and "squash for a" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="regionembed.backbones.open_clip"):
+        b = OpenCLIPBackbone("re-tiny-vit", pretrained=str(path), preprocess_cfg="a")
+    assert b.preprocess.resize_mode == "squash" and "disagree" not in caplog.text
+    b = OpenCLIPBackbone("re-tiny-vit", preprocess_cfg={"resize_mode": "squash", "mean": [0.1, 0.2, 0.3]})
+    assert b.preprocess.resize_mode == "squash" and b.preprocess.mean == (0.1, 0.2, 0.3) and b.preprocess.std[0] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"meen": (0.5,) * 3}, r"preprocess_cfg: unknown keys \['meen'\]"),
+        ({"mean": (0.5, 0.5)}, "preprocess_cfg: mean must be three numbers"),
+        ({"std": "0.5"}, "preprocess_cfg: std must be three numbers"),
+        ("laion", "preprocess_cfg='laion' is not a pretrained tag of re-tiny-vit"),
+    ],
+)
+def test_bad_preprocess_cfg_names_the_setting(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        OpenCLIPBackbone("re-tiny-vit", preprocess_cfg=cfg)
+
+
 def test_unknown_model_and_tag():
     with pytest.raises(ValueError, match="unknown open_clip model"):
         OpenCLIPBackbone("not-a-model")
