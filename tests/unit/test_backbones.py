@@ -78,6 +78,22 @@ def test_random_weights_get_the_models_own_preprocessing(name, tag):
     assert (spec.interpolation, spec.resize_mode) == (want["interpolation"], want["resize_mode"])
 
 
+def test_tags_that_disagree():
+    """The open_clip configs whose pretrained tags disagree on preprocessing (the docs name them): registry reads
+    only, no model is built."""
+    import open_clip
+
+    from regionembed.backbones.open_clip import tag_preprocess_cfg
+
+    found = {(m, k) for m in open_clip.list_models() for k in tag_preprocess_cfg(m)[1]}
+    assert found == {
+        ("ViT-L-14", "mean"),
+        ("ViT-L-14", "std"),
+        ("ViT-H-14", "resize_mode"),
+        ("ViT-H-14-quickgelu", "resize_mode"),
+    }
+
+
 @pytest.fixture
 def tagged_tiny(monkeypatch):
     """re-tiny-vit given two fake pretrained tags (what open_clip's registry says for real models): they agree on
