@@ -1,10 +1,13 @@
 """All map strategies of the MaskInversion solver agree with the naive (official) double backward."""
 
 import logging
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import make_masks
 from regionembed.backbones import UnsupportedModelError
@@ -77,6 +80,92 @@ def test_precomputed_table_is_the_per_step_map(tiny_backbone):
     pre = PrecomputedStrategy(tiny_backbone, image, [-1], 2, 1e-12, chunk_bytes=4096)  # forces several chunks
     e = torch.randn(5, tiny_backbone.embed_dim)
     torch.testing.assert_close(pre.d_heads(0, e), per.d_heads(0, e), atol=1e-6, rtol=1e-5)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages that operators create inside the mode (CPU has no allocator
+    statistics): a storage counts from the first operator that returns it until the last tensor on it is freed;
+    ``external`` tensors' storages (the model's weights, the image) are not counted."""
+
+    def __init__(self, external=()):
+        super().__init__()
+        self.external = {t.untyped_storage().data_ptr() for t in external}
+        self.refs, self.live, self.peak = {}, 0, 0
+
+    def _release(self, key):
+        ref = self.refs[key]
+        ref[0] -= 1
+        if ref[0] == 0:
+            del self.refs[key]
+            self.live -= ref[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.external or storage.nbytes() == 0:
+                continue
+            if key in self.refs:
+                self.refs[key][0] += 1
+            else:
+                self.refs[key] = [1, storage.nbytes()]
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def test_precomputed_tabulates_in_place(tiny_backbone):
+    """The table is allocated once and filled: the peak while tabulating is the table and one chunk's working memory,
+    not the chunks and their concatenation (twice the table)."""
+    b = tiny_backbone
+    image = torch.randn(1, 3, 64, 64)  # 65 tokens: the table (32 x 65 x 48 floats) outweighs the other terms
+    external = [*b.parameters(), *b.buffers(), image]
+    with _LiveBytes(external) as per_step:
+        per = PerStepStrategy(b, image, [-1], 2, 1e-12)
+    kept = per_step.live  # what per_step keeps (its terms), the base the table comes on top of
+    tokens, hidden = per.terms[0].act_grad.shape
+    del per
+    with _LiveBytes(external) as mem:
+        pre = PrecomputedStrategy(b, image, [-1], 2, 1e-12, chunk_bytes=4 * tokens * hidden)  # one vector a chunk
+    table = sum(t.numel() * t.element_size() for t in pre.tables)
+    assert table == estimate_costs(b, 64, 2, 10, 1)["precomputed"].memory
+    assert mem.live == kept + table  # the tracker sees what the strategy keeps
+    assert mem.peak - kept <= 1.5 * table  # concatenating chunks measured 2.0x
+
+
+def test_precomputed_respects_the_memory_budget(tiny_backbone, caplog):
+    """An explicit ``precomputed`` over ``memory_budget_mb`` raises as ``attention_pool`` does; ``auto`` runs
+    ``per_step`` instead and says why."""
+    b = tiny_backbone
+    image, masks = torch.randn(1, 3, 32, 32), make_masks(2, 32, 32)
+    table_mb = estimate_costs(b, 32, 2, 2, 1)["precomputed"].memory / 2**20
+    tiny = table_mb / 2
+    message = (
+        rf"'precomputed' would tabulate about {table_mb:.1f} MB .*T=17 x C=48.*memory_budget_mb={tiny:g}.*'per_step'"
+    )
+    with pytest.raises(ValueError, match=message):
+        MaskInversion(strategy="precomputed", memory_budget_mb=tiny)(b, image, masks)
+    with pytest.raises(ValueError, match=r"each of 2 layer"):  # two tables: twice the memory
+        MaskInversion(LeGrad((0, 1)), strategy="precomputed", memory_budget_mb=table_mb * 1.5).plan(b, 32, 2)
+    assert MaskInversion(strategy="precomputed", memory_budget_mb=table_mb).plan(b, 32, 2) == "precomputed"
+    assert MaskInversion(memory_budget_mb=table_mb).plan(b, 32, 5000) == "precomputed"  # cheaper for many masks
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        assert MaskInversion(memory_budget_mb=tiny).plan(b, 32, 5000) == "per_step"
+    assert "strategy auto runs 'per_step' (the precomputed table" in caplog.text
+
+
+def test_precomputed_on_a_tail_without_the_formulas_names_the_issue(tiny_backbone, monkeypatch):
+    """The budget check needs the block's dimensions: a block the formulas do not cover is refused by the strategy,
+    not by a crash in the estimate."""
+    monkeypatch.setattr(tiny_backbone, "block_parts", lambda block: None)
+    with pytest.raises(UnsupportedModelError, match=r"precomputed strategy cannot run.*pre-norm form"):
+        MaskInversion(strategy="precomputed", memory_budget_mb=0)(
+            tiny_backbone, torch.randn(1, 3, 32, 32), make_masks(2, 16, 16)
+        )
 
 
 def test_naive_restores_the_backbone(tiny_backbone):
@@ -167,3 +256,30 @@ def test_bench_records_the_table_estimate():
     assert plain["table_estimate_mb"] is None  # no table
     rows = markdown_table([pool, plain]).splitlines()
     assert rows[2].split("|")[10].strip() == "0.1" and rows[3].split("|")[10].strip() == "-"
+
+
+def test_plan_reads_the_pool_shape_once_per_backbone_and_size(monkeypatch):
+    """``plan`` needs the pool's (H, Q, T') for the table estimate; it runs the blank pool forward once per backbone and
+    image size, not on every call."""
+    from regionembed.backbones import OpenCLIPBackbone
+
+    torch.manual_seed(0)
+    b = OpenCLIPBackbone("re-tiny-siglip", tokenizer=False).requires_grad_(False)
+    calls = []
+    pool = b.attention_pool_embed
+    monkeypatch.setattr(b, "attention_pool_embed", lambda tokens: calls.append(tokens.shape) or pool(tokens))
+    assert MaskInversion().plan(b, 32, 2) == "attention_pool"
+    assert len(calls) == 1
+    assert MaskInversion().plan(b, 32, 2) == "attention_pool"
+    assert MaskInversion(strategy="attention_pool", iterations=3).plan(b, 32, 7) == "attention_pool"
+    assert MaskInversion(memory_budget_mb=0).plan(b, 32, 2) == "naive"
+    assert len(calls) == 1  # kept on the backbone: any solver, any number of masks
+    shape = attention_pool_shape(b, 48)
+    assert len(calls) == 2  # another size: one more forward
+    assert shape[:2] == attention_pool_shape(b, 32)[:2] and shape[2] > attention_pool_shape(b, 32)[2]
+    assert MaskInversion().plan(b, 48, 2) == "attention_pool" and len(calls) == 2
+    b.clear_attention_pool_shapes()  # after swapping the pool or the patch embedding
+    assert MaskInversion().plan(b, 32, 2) == "attention_pool" and len(calls) == 3
+    other = OpenCLIPBackbone("re-tiny-siglip", tokenizer=False)  # a new backbone has its own shapes
+    assert MaskInversion().plan(other, 32, 2) == "attention_pool" and len(calls) == 3
+    assert attention_pool_shape(other, 32) == attention_pool_shape(b, 32)

@@ -351,6 +351,28 @@ class AttentionPoolHead(abc.ABC):
             patch tokens are always the last ``h * w``.
         """
 
+    def attention_pool_shape(self, image_size: int) -> tuple[int, int, int]:
+        """``(H, Q, T')`` of the pool's attention ``[B, H, Q, T']`` on a square ``image_size`` image: heads, queries
+        and the tokens the pool reads.
+
+        Read from one pool forward of a blank image's input tokens (no block runs), so it holds for any adapter, and
+        kept per image size on the backbone (the shape is fixed by the architecture; the MaskInversion solver asks
+        for it on every call). A subclass that swaps its pool or patch embedding after use must call
+        :meth:`clear_attention_pool_shapes`.
+        """
+        shapes = self.__dict__.setdefault("_attention_pool_shapes", {})
+        if image_size not in shapes:
+            param = next(self.parameters())
+            blank = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
+            with torch.no_grad():
+                _, probs = self.attention_pool_embed(self.embed_tokens(blank))
+            shapes[image_size] = tuple(int(n) for n in probs.shape[1:])
+        return shapes[image_size]
+
+    def clear_attention_pool_shapes(self) -> None:
+        """Forget the shapes :meth:`attention_pool_shape` keeps (after changing the pool or the patch embedding)."""
+        self.__dict__.pop("_attention_pool_shapes", None)
+
     def legrad_pool_embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedding LeGrad scores and the pool's attention, ``[B, T, C] -> ([B, D], [B, H, Q, T'])``; by default
         :meth:`attention_pool_embed` (a head whose official LeGrad recipe leaves out part of the head overrides it).

@@ -9,6 +9,7 @@ only the N tokens are optimised, together, in one batch.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +64,16 @@ def check_masks(masks: torch.Tensor) -> torch.Tensor:
     if empty:
         raise ValueError(f"masks {empty} are empty (all zeros): there is no region to invert")
     return masks
+
+
+def _table_shape(strategy: str, backbone: TokenGridBackbone, image_size: int) -> str:
+    """The dimensions of a table strategy's table, for the over-budget error: ``D x ...`` per explained layer."""
+    if strategy == "attention_pool":
+        heads, queries, keys = attention_pool_shape(backbone, image_size)
+        return f"D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys}"
+    parts = backbone.block_parts(backbone.blocks[-1])
+    tokens = backbone.num_prefix_tokens + math.prod(backbone.grid_size(image_size))
+    return f"D={backbone.embed_dim} x T={tokens} x C={parts.out_proj_weight.shape[1]}"
 
 
 @dataclass
@@ -124,9 +135,9 @@ class MaskInversion:
             ``"naive_lean"``, ``"per_step"``, ``"precomputed"`` or ``"attention_pool"`` (attention-pool heads:
             SigLIP, SigLIP2, PE-Core, CoCa, HF SigLIP; see :mod:`regionembed.inversion.strategies`; these need the
             official LeGrad).
-        memory_budget_mb: largest table (``precomputed``, ``attention_pool``) ``auto`` may allocate; over it,
+        memory_budget_mb: largest table (``precomputed``, ``attention_pool``) a call may allocate; over it,
             ``auto`` runs ``per_step`` (or ``naive`` on an attention-pool head) and an explicit
-            ``strategy="attention_pool"`` raises ``ValueError``.
+            ``strategy="precomputed"`` or ``"attention_pool"`` raises ``ValueError``.
 
     Raises:
         ValueError: a setting out of range, an explainer that is not differentiable, or a fixed strategy with an
@@ -211,8 +222,9 @@ class MaskInversion:
         """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``.
 
         Raises:
-            ValueError: ``strategy="attention_pool"`` whose table (:func:`~regionembed.inversion.strategies.
-                estimate_costs`) is larger than ``memory_budget_mb``; ``auto`` falls back to ``naive`` instead.
+            ValueError: ``strategy="precomputed"`` or ``"attention_pool"`` whose table
+                (:func:`~regionembed.inversion.strategies.estimate_costs`) is larger than ``memory_budget_mb``;
+                ``auto`` falls back to ``per_step`` (``naive`` on an attention-pool head) instead.
         """
         if not uses_legrad_strategies(self.explainer):
             return "explainer"
@@ -221,40 +233,51 @@ class MaskInversion:
         # table fits the budget
         if uses_attention_pool(backbone) and self.strategy in ("auto", "attention_pool"):
             table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
-            if not self._within_budget(table):
-                if self.strategy == "attention_pool":
-                    heads, queries, keys = attention_pool_shape(backbone, image_size)
-                    raise ValueError(
-                        f"strategy 'attention_pool' would tabulate about {table.memory / 2**20:.1f} MB "
-                        f"(D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys} floats for each of "
-                        f"{len(layers)} layer(s)), more than memory_budget_mb={self.memory_budget_mb:g}; raise "
-                        "memory_budget_mb, explain fewer layers, or use strategy 'auto', which runs 'naive' instead"
-                    )
-                log.info(
-                    "MaskInversion: strategy auto runs 'naive' (the attention_pool table, about %.1f MB, is over "
-                    "memory_budget_mb=%g)",
-                    table.memory / 2**20,
-                    self.memory_budget_mb,
-                )
+            if not self._within_budget(table, backbone, image_size, fallback="naive"):
                 return "naive"
             if self.strategy == "auto":
                 log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
-                return "attention_pool"
-        if self.strategy != "auto":
+            return "attention_pool"
+        if self.strategy not in ("auto", "precomputed"):
             return self.strategy
         issue = decomposition_issue(backbone, layers)
         if issue is not None:
+            if self.strategy == "precomputed":
+                return "precomputed"  # its constructor refuses the backbone, naming the issue and the alternatives
             log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
             return "naive"
         costs = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))
         pre, per = costs["precomputed"], costs["per_step"]
-        if pre.macs < per.macs and self._within_budget(pre):
+        if self.strategy == "auto" and not pre.macs < per.macs:
+            return "per_step"
+        if self._within_budget(pre, backbone, image_size, fallback="per_step"):
             return "precomputed"
         return "per_step"
 
-    def _within_budget(self, cost: CostEstimate) -> bool:
-        """Whether a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``."""
-        return cost.memory <= self.memory_budget_mb * 2**20
+    def _within_budget(self, cost: CostEstimate, backbone: Backbone, image_size: int, fallback: str) -> bool:
+        """Whether a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``.
+
+        Over the budget, ``auto`` logs that it runs ``fallback`` instead and an explicit strategy raises
+        ``ValueError`` naming the estimate, the table's shape and ``memory_budget_mb``.
+        """
+        if cost.memory <= self.memory_budget_mb * 2**20:
+            return True
+        if self.strategy == cost.strategy:
+            layers = len(self.explainer.layers)
+            raise ValueError(
+                f"strategy {cost.strategy!r} would tabulate about {cost.memory / 2**20:.1f} MB "
+                f"({_table_shape(cost.strategy, backbone, image_size)} floats for each of {layers} layer(s)), more "
+                f"than memory_budget_mb={self.memory_budget_mb:g}; raise memory_budget_mb, explain fewer layers, or "
+                f"use strategy 'auto', which runs {fallback!r} instead"
+            )
+        log.info(
+            "MaskInversion: strategy auto runs %r (the %s table, about %.1f MB, is over memory_budget_mb=%g)",
+            fallback,
+            cost.strategy,
+            cost.memory / 2**20,
+            self.memory_budget_mb,
+        )
+        return False
 
     def _strategy(self, backbone: Backbone, image: torch.Tensor, num_masks: int) -> MapStrategy:
         name = self.plan(backbone, image.shape[-1], num_masks)

@@ -351,21 +351,29 @@ class PerStepStrategy(MapStrategy):
 
 
 class PrecomputedStrategy(PerStepStrategy):
-    """``per_step`` with the linear map ``e -> dO`` tabulated once on the D basis vectors (``[D, T*H*dh]``)."""
+    """``per_step`` with the linear map ``e -> dO`` tabulated once on the D basis vectors (``[D, T*H*dh]``).
+
+    The table (``4 * D * T * H*dh`` bytes per layer, what :func:`estimate_costs` reports and the solver checks against
+    ``memory_budget_mb``) is allocated once and filled in place, a chunk of basis vectors at a time; a chunk's working
+    memory is about twice its ``[chunk, T, 4C]`` MLP cotangent, which ``chunk_bytes`` bounds, so the peak stays near
+    the table (measured in docs/maskinversion.md).
+    """
 
     name = "precomputed"
 
-    def __init__(self, backbone, image, layers, num_masks, eps, chunk_bytes: int = 256 * 2**20):
+    def __init__(self, backbone, image, layers, num_masks, eps, chunk_bytes: int = 32 * 2**20):
         super().__init__(backbone, image, layers, num_masks, eps)
         d = backbone.embed_dim
         self.tables = []
         with torch.no_grad():
             for terms in self.terms:
                 t, hidden = terms.act_grad.shape
-                chunk = max(1, chunk_bytes // (4 * t * hidden))
+                chunk = max(1, chunk_bytes // (terms.m.element_size() * t * hidden))
                 eye = torch.eye(d, dtype=terms.m.dtype, device=terms.m.device)
-                table = torch.cat([terms.d_heads(eye[i : i + chunk]).flatten(1) for i in range(0, d, chunk)])
-                self.tables.append(table)  # [D, T*H*dh]
+                table = terms.m.new_empty(d, t * terms.m.shape[1])  # [D, T*H*dh]
+                for i in range(0, d, chunk):
+                    table[i : i + chunk] = terms.d_heads(eye[i : i + chunk]).flatten(1)
+                self.tables.append(table)
 
     def d_heads(self, layer_index, e):
         terms = self.terms[layer_index]
@@ -469,14 +477,10 @@ def attention_pool_shape(backbone: TokenGridBackbone, image_size: int) -> tuple[
     """``(H, Q, T')`` of the pool's attention ``[B, H, Q, T']`` on a square ``image_size`` image of an attention-pool
     backbone (:func:`~regionembed.backbones.base.uses_attention_pool`): heads, queries and the tokens the pool reads.
 
-    Read from one pool forward of a blank image's input tokens (no block runs), so it holds for any adapter.
+    :meth:`~regionembed.backbones.base.AttentionPoolHead.attention_pool_shape`: one pool forward of a blank image's
+    input tokens (no block runs) the first time, then kept on the backbone per image size.
     """
-    param = next(backbone.parameters())
-    blank = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
-    with torch.no_grad():
-        _, probs = backbone.attention_pool_embed(backbone.embed_tokens(blank))
-    heads, queries, keys = probs.shape[1:]
-    return int(heads), int(queries), int(keys)
+    return backbone.attention_pool_shape(image_size)
 
 
 def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
