@@ -137,6 +137,19 @@ def test_precomputed_tabulates_in_place(tiny_backbone):
     assert mem.peak - kept <= 1.5 * table  # concatenating chunks measured 2.0x
 
 
+def test_table_estimates_follow_the_models_dtype(tiny_backbone):
+    """A float64 model's tables take twice a float32 model's bytes, and the estimate says so (it assumed 4 bytes)."""
+    import copy
+
+    double = copy.deepcopy(tiny_backbone).double()
+    image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    pre = PrecomputedStrategy(double, image, [-1], 2, 1e-12)
+    table = sum(t.numel() * t.element_size() for t in pre.tables)
+    assert pre.tables[0].dtype == torch.float64
+    assert table == estimate_costs(double, 64, 2, 10, 1)["precomputed"].memory
+    assert table == 2 * estimate_costs(tiny_backbone, 64, 2, 10, 1)["precomputed"].memory
+
+
 def test_precomputed_respects_the_memory_budget(tiny_backbone, caplog):
     """An explicit ``precomputed`` over ``memory_budget_mb`` raises as ``attention_pool`` does; ``auto`` runs
     ``per_step`` instead and says why."""

@@ -353,10 +353,10 @@ class PerStepStrategy(MapStrategy):
 class PrecomputedStrategy(PerStepStrategy):
     """``per_step`` with the linear map ``e -> dO`` tabulated once on the D basis vectors (``[D, T*H*dh]``).
 
-    The table (``4 * D * T * H*dh`` bytes per layer, what :func:`estimate_costs` reports and the solver checks against
-    ``memory_budget_mb``) is allocated once and filled in place, a chunk of basis vectors at a time; a chunk's working
-    memory is about twice its ``[chunk, T, 4C]`` MLP cotangent, which ``chunk_bytes`` bounds, so the peak stays near
-    the table (measured in docs/maskinversion.md).
+    The table (``D * T * H*dh`` floats of the model's dtype per layer, what :func:`estimate_costs` reports and the
+    solver checks against ``memory_budget_mb``) is allocated once and filled in place, a chunk of basis vectors at a
+    time; a chunk's working memory is about twice its ``[chunk, T, 4C]`` MLP cotangent, which ``chunk_bytes``
+    bounds, so the peak stays near the table (measured in docs/maskinversion.md).
     """
 
     name = "precomputed"
@@ -388,7 +388,7 @@ class AttentionPoolStrategy(MapStrategy):
     image: ``g = normalize(f)`` for SigLIP, the raw CoCa pool embedding for CoCa), so ``ds/dP = e @ J`` with
     ``J = dg / dP`` ``[D, H*Q*T]`` per layer, tabulated once
     (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
-    queries: a ``[N, D] x [D, H*Q*T]`` product. The table takes ``4 * D * H * Q * T'`` bytes per layer
+    queries: a ``[N, D] x [D, H*Q*T]`` product. The table takes ``D * H * Q * T'`` floats of the model's dtype per layer
     (:func:`attention_pool_shape`; CoCa's 256 queries make it large), which the solver checks against
     ``memory_budget_mb`` before building this strategy (:func:`estimate_costs`).
     """
@@ -488,21 +488,23 @@ def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int,
     square image.
 
     On an attention-pool head (:func:`~regionembed.backbones.base.uses_attention_pool`) that is ``attention_pool``
-    alone: its memory is the table, ``4 * D * H * Q * T'`` bytes per layer (:func:`attention_pool_shape`), and its
-    multiply-adds the ``[N, D] x [D, H*Q*T']`` product of every step (forward and backward; the tabulation and the
-    image forward are left out: nothing is chosen by them). Otherwise the backbone must fit the decomposition
-    (:func:`decomposition_issue` is ``None``) and the result has ``naive``, ``naive_lean``, ``per_step`` and
-    ``precomputed``.
+    alone: its memory is the table, ``D * H * Q * T'`` floats of the model's dtype per layer
+    (:func:`attention_pool_shape`), and its multiply-adds the ``[N, D] x [D, H*Q*T']`` product of every step (forward
+    and backward; the tabulation and the image forward are left out: nothing is chosen by them). Otherwise the
+    backbone must fit the decomposition (:func:`decomposition_issue` is ``None``) and the result has ``naive``,
+    ``naive_lean``, ``per_step`` and ``precomputed``.
 
     Counts the dominant matrix products: the image forward, the MLP/projection/attention products of the block tail
     per token (``T * (4C*C + C*C) + H*T*T*dh``), a backward at about twice a forward, the N image copies of
     ``naive``, and the ``D`` basis evaluations of ``precomputed``.
     """
     d = backbone.embed_dim
+    floats = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+    nbytes = float(floats.element_size()) if floats is not None else 4.0  # the tables take the model's dtype
     if uses_attention_pool(backbone):
         table = d * math.prod(attention_pool_shape(backbone, image_size))  # floats per layer
         macs = num_layers * iterations * 3 * num_masks * table
-        return {"attention_pool": CostEstimate("attention_pool", macs, 4.0 * num_layers * table)}
+        return {"attention_pool": CostEstimate("attention_pool", macs, nbytes * num_layers * table)}
     blocks = backbone.blocks
     parts = backbone.block_parts(blocks[-1])
     width = parts.out_proj_weight.shape[0]
@@ -518,10 +520,10 @@ def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int,
     per_step = forward + num_layers * iterations * 3 * num_masks * tail
     precomputed = forward + num_layers * (d * tail + iterations * 3 * num_masks * (d * t * attn_dim + grad_map))
     naive = num_masks * (forward + num_layers * iterations * 6 * block)
-    table_bytes = 4.0 * num_layers * d * t * attn_dim
+    table_bytes = nbytes * num_layers * d * t * attn_dim
     return {
-        "naive": CostEstimate("naive", naive, 4.0 * num_masks * t * (width + hidden) * num_layers),
-        "naive_lean": CostEstimate("naive_lean", naive * 2 / 3, 4.0 * num_masks * t * (width + hidden) * num_layers),
-        "per_step": CostEstimate("per_step", per_step, 4.0 * num_masks * t * hidden * num_layers),
+        "naive": CostEstimate("naive", naive, nbytes * num_masks * t * (width + hidden) * num_layers),
+        "naive_lean": CostEstimate("naive_lean", naive * 2 / 3, nbytes * num_masks * t * (width + hidden) * num_layers),
+        "per_step": CostEstimate("per_step", per_step, nbytes * num_masks * t * hidden * num_layers),
         "precomputed": CostEstimate("precomputed", precomputed, table_bytes),
     }
