@@ -164,6 +164,21 @@ def test_region_methods_get_the_readers_masks(tmp_path, scene, monkeypatch):
     assert set(seen[0].unique().tolist()) == {0.0, 1.0}
 
 
+def test_a_region_that_vanishes_at_the_model_input_keeps_the_run(tmp_path):
+    """A 2x2 region of a 512x512 image is empty at the tiny model's 32x32 input: the region methods give it a row
+    saying so (the reader keeps it, unlike region classification's transform), MaskInversion still fits it."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (512, 512, 3), dtype=np.uint8))
+    big, small = np.zeros((512, 512), np.uint8), np.zeros((512, 512), np.uint8)
+    big[100:300, 100:300], small[401:403, 401:403] = 255, 255
+    uploads = [_grey(tmp_path, "big.png", big), _grey(tmp_path, "small.png", small)]
+    settings = core.RunSettings(prompts=["a", "b"], iterations=1, explainer=None, methods=["crop", "mask_inversion"])
+    result = core.run(TINY, tmp_path / "run", image, settings, mask_files=uploads)
+    rows = {(r[0], r[1]): r for r in result.methods_table}
+    assert rows[("small", "crop")][2:] == [core.VANISHED, None, None, None]
+    assert rows[("big", "crop")][2] in ("a", "b") and rows[("small", "mask_inversion")][2] in ("a", "b")
+    np.testing.assert_allclose(rows[("small", "mask_inversion")][4:], result.probabilities[1], atol=1e-4)
+
+
 def test_alpha_methods_only_with_an_alpha_channel(tiny_backbone):
     from regionembed.backbones import OpenCLIPBackbone
 

@@ -388,6 +388,10 @@ def explainer_maps(
     return out
 
 
+#: the "best prompt" cell of a region method's row when the region vanishes at the model input
+VANISHED = "(region vanishes at the model input)"
+
+
 def compare_methods(
     backbone: Backbone,
     tensor: torch.Tensor,
@@ -400,11 +404,14 @@ def compare_methods(
 ) -> list[list]:
     """Rows ``[region, method, best prompt, p(best), p(prompt_1), ...]`` for each region and method.
 
-    ``masks`` ``[N, S, S]`` are the reader's masks at the model input (0/1, nearest), the ones the region methods get
-    in region classification; probabilities are a softmax of the model's logit scale times the cosines, as in
-    :class:`MaskInversionModule`.
+    ``masks`` ``[N, S, S]`` are the reader's masks at the model input (nearest; soft values kept), the ones the region
+    methods get in region classification; probabilities are a softmax of the model's logit scale times the cosines,
+    as in :class:`MaskInversionModule`. A region too small to survive at the model input (its mask is all zeros there)
+    gets :data:`VANISHED` and empty probabilities from the region methods instead of stopping the run; MaskInversion
+    fits the full-resolution masks, so its rows are always there.
     """
     masks_s = masks.float().to(text.device)
+    present = masks_s.flatten(1).amax(1) > 0  # [N]
     scale = backbone.logit_scale.exp() if backbone.logit_scale is not None else 100.0
     image = tensor.to(text.device)
     rows = []
@@ -415,9 +422,15 @@ def compare_methods(
         elif method.startswith("alpha_") and backbone.alpha_embed is None:
             continue  # the model has no alpha channel
         else:
-            embeddings[method] = METHODS[method]()(backbone, image, masks_s)
+            emb = torch.full((len(names), text.shape[-1]), float("nan"), device=text.device)
+            if present.any():
+                emb[present] = METHODS[method]()(backbone, image, masks_s[present]).to(emb.dtype)
+            embeddings[method] = emb
     for i, region in enumerate(names):
         for method, emb in embeddings.items():
+            if method != "mask_inversion" and not present[i]:
+                rows.append([region, method, VANISHED, None, *(None for _ in prompts)])
+                continue
             probs = (scale * F.normalize(emb[i : i + 1], dim=-1) @ text.T).softmax(-1)[0].detach().cpu()
             best = int(probs.argmax())
             rows.append(
