@@ -97,12 +97,12 @@ def test_tags_that_disagree():
 @pytest.fixture
 def tagged_tiny(monkeypatch):
     """re-tiny-vit given two fake pretrained tags (what open_clip's registry says for real models): they agree on
-    0.5 mean and std, and disagree on the resize mode."""
+    the mean and the resize mode, and disagree on the std."""
     import open_clip
 
     cfgs = {
         "a": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "squash"},
-        "b": {"mean": (0.5,) * 3, "std": (0.5,) * 3, "resize_mode": "shortest"},
+        "b": {"mean": (0.5,) * 3, "std": (0.25,) * 3, "resize_mode": "squash"},
     }
     tags, get_cfg = open_clip.list_pretrained_tags_by_model, open_clip.get_pretrained_cfg
     monkeypatch.setattr(
@@ -119,17 +119,21 @@ def test_local_weights_get_the_tags_common_preprocessing(tmp_path, tiny_backbone
     save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))
     with caplog.at_level("WARNING", logger="regionembed.backbones.open_clip"):
         b = OpenCLIPBackbone("re-tiny-vit", pretrained=str(path))
-    assert (b.preprocess.mean, b.preprocess.std) == ((0.5,) * 3, (0.5,) * 3)  # the tags agree
-    assert b.preprocess.resize_mode == tiny_backbone.preprocess.resize_mode == "shortest"  # they don't: default
+    assert b.preprocess.mean == (0.5,) * 3 and b.preprocess.resize_mode == "squash"  # the tags agree
+    assert b.preprocess.std == tiny_backbone.preprocess.std != (0.5,) * 3  # they don't: open_clip's default
     assert (
-        "disagree on resize_mode" in caplog.text and "preprocess_cfg" in caplog.text and "squash for a" in caplog.text
+        "disagree on std" in caplog.text
+        and "preprocess_cfg" in caplog.text
+        and "(0.25, 0.25, 0.25) for b" in caplog.text
     )
     caplog.clear()
     with caplog.at_level("WARNING", logger="regionembed.backbones.open_clip"):
-        b = OpenCLIPBackbone("re-tiny-vit", pretrained=str(path), preprocess_cfg="a")
-    assert b.preprocess.resize_mode == "squash" and "disagree" not in caplog.text
-    b = OpenCLIPBackbone("re-tiny-vit", preprocess_cfg={"resize_mode": "squash", "mean": [0.1, 0.2, 0.3]})
-    assert b.preprocess.resize_mode == "squash" and b.preprocess.mean == (0.1, 0.2, 0.3) and b.preprocess.std[0] == 0.5
+        b = OpenCLIPBackbone("re-tiny-vit", pretrained=str(path), preprocess_cfg="b")
+    assert b.preprocess.std == (0.25,) * 3 and "disagree" not in caplog.text
+    b = OpenCLIPBackbone("re-tiny-vit", preprocess_cfg={"std": [0.1, 0.2, 0.3], "interpolation": "bilinear"})
+    assert (
+        b.preprocess.std == (0.1, 0.2, 0.3) and b.preprocess.mean[0] == 0.5 and b.preprocess.interpolation == "bilinear"
+    )
 
 
 @pytest.mark.parametrize(
@@ -138,6 +142,9 @@ def test_local_weights_get_the_tags_common_preprocessing(tmp_path, tiny_backbone
         ({"meen": (0.5,) * 3}, r"preprocess_cfg: unknown keys \['meen'\]"),
         ({"mean": (0.5, 0.5)}, "preprocess_cfg: mean must be three numbers"),
         ({"std": "0.5"}, "preprocess_cfg: std must be three numbers"),
+        ({"mean": [0.5, 0.5, True]}, "preprocess_cfg: mean must be three numbers"),
+        ({"interpolation": "cubic"}, "preprocess_cfg: interpolation must be one of bicubic, bilinear, nearest"),
+        ({"resize_mode": "bogus"}, "preprocess_cfg: resize_mode must be one of shortest, longest, squash"),
         ("laion", "preprocess_cfg='laion' is not a pretrained tag of re-tiny-vit"),
     ],
 )

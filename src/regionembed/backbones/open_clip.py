@@ -96,6 +96,9 @@ def get_tokenizer(model_name: str, model: nn.Module | None = None):
 
 #: the keys of open_clip's preprocessing config that ``preprocess_cfg`` may set
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+#: the interpolations and resize modes open_clip's own transforms understand
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 def tag_preprocess_cfg(model_name: str) -> tuple[dict[str, object], dict[str, dict[object, list[str]]]]:
@@ -148,17 +151,20 @@ def resolve_preprocess_cfg(model_name: str, pretrained: str | None, preprocess_c
         raise ValueError(f"preprocess_cfg: unknown keys {unknown}; expected some of {', '.join(PREPROCESS_KEYS)}")
     for key in ("mean", "std"):
         value = preprocess_cfg.get(key)
-        if value is not None and (
-            not isinstance(value, (list, tuple))
-            or len(value) != 3
-            or not all(isinstance(v, (int, float)) for v in value)
-        ):
+        numbers = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if value is not None and not (numbers and len(value) == 3):
             raise ValueError(f"preprocess_cfg: {key} must be three numbers (one per RGB channel), got {value!r}")
+    for key, allowed in (("interpolation", INTERPOLATIONS), ("resize_mode", RESIZE_MODES)):
+        if key in preprocess_cfg and preprocess_cfg[key] not in allowed:
+            raise ValueError(f"preprocess_cfg: {key} must be one of {', '.join(allowed)}, got {preprocess_cfg[key]!r}")
     if pretrained in tags:
         return preprocess_cfg
     agreed, disagreed = tag_preprocess_cfg(model_name)
     for key, by_value in disagreed.items():
-        if key not in preprocess_cfg:
+        # resize_mode is recorded for reference only (the data module's `mode` resizes); a bad tag is named later
+        if key not in preprocess_cfg and key != "resize_mode" and (pretrained is None or looks_like_path(pretrained)):
             log.warning(
                 "%s: its pretrained tags disagree on %s (%s); open_clip's default is used: set preprocess_cfg "
                 "(a tag name or {%r: ...}) to the weights' own",
@@ -388,7 +394,9 @@ class OpenCLIPBackbone(Backbone):
             ``resize_mode``; a dict of some of them, or the name of a pretrained tag whose preprocessing to use).
             By default a hub tag brings its own, and anything else (random weights, a local file, a checkpoint)
             gets what the model's pretrained tags declare alike (:func:`tag_preprocess_cfg`; SigLIP: mean and std
-            0.5, squash), not open_clip's OpenAI default.
+            0.5), not open_clip's OpenAI default. ``mean``, ``std`` and ``interpolation`` reach regionembed's image
+            pipeline; ``resize_mode`` is kept in :attr:`preprocess` for reference (data modules resize by their
+            own ``mode``).
     """
 
     #: whether ``alpha_checkpoint=`` can load into this adapter's tower
