@@ -532,6 +532,15 @@ def test_garbage_weights_are_unreadable_whatever_the_unpickler_raises(tmp_path):
     assert {"UnpicklingError", "IndexError", "KeyError", "UnicodeDecodeError"} <= kinds  # the test covers them
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_readable_weights_of_another_model_do_not_fit(tmp_path, zip_format):
+    """The safe re-read that tells unreadable from unfit maps zip checkpoints and falls back for the legacy format."""
+    path = tmp_path / "other.pt"
+    torch.save({"x": torch.zeros(2)}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"other\.pt does not fit the architecture re-tiny-vit"):
+        OpenCLIPBackbone("re-tiny-vit", pretrained=str(path))
+
+
 def test_malicious_pickles_never_run(weights, tmp_path):
     d, marker = weights
     with pytest.raises(PretrainedWeightsUnavailable, match=r"evil\.ckpt"):

@@ -69,11 +69,17 @@ def read_error(path: str | os.PathLike) -> BaseException | None:
 
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            load_file(str(path))
+            with safe_open(str(path), "pt"):  # the header and that the file covers every tensor, nothing loaded
+                pass
         else:
-            torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a multi-GB checkpoint is not loaded a second time
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap can only be used" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as err:  # any failure to read is the answer
         return err
     return None

@@ -76,12 +76,13 @@ class ContrastiveModule(L.LightningModule):
         betas: AdamW betas.
         export_path: when set, the backbone's weights are written there (safetensors, atomic) at the end of fit, so
             any module can load them with ``OpenCLIPBackbone(..., pretrained=export_path)``.
-        multi_positive: images whose captions are identical (after tokenisation, across all ranks) are positives of
-            each other (:func:`~regionembed.losses.multi_positive_clip_loss`) instead of negatives. With a
-            deterministic text tower identical captions embed identically and the loss and its gradient equal
-            CLIP's (tested); what changes is ``val/i2t_top1_in_batch``, which counts a top caption identical to
-            the image's own as a hit (ties between repeated captions otherwise count only the first). Validation
-            honours it too (``val/loss`` is the same objective).
+        multi_positive: images whose captions are identical (after tokenisation; across all ranks in training,
+            within a rank in validation) are positives of each other
+            (:func:`~regionembed.losses.multi_positive_clip_loss`) instead of negatives. With a deterministic text
+            tower identical captions embed identically and the loss and its gradient equal CLIP's (tested); what
+            changes is ``val/i2t_top1_in_batch``, which counts a top caption identical to the image's own as a hit
+            (ties between repeated captions otherwise count only the first). Validation honours it too (``val/loss``
+            is the same objective).
         export_dtype: ``"float32"`` or ``"float16"`` (half the file; what the shipped zoo weights use).
     """
 
