@@ -235,7 +235,7 @@ class MaskInversion:
 
     def plan_with_reason(self, backbone: Backbone, image_size: int, num_masks: int) -> tuple[str, str]:
         """:meth:`plan` and why: ``(strategy, reason)``, the reason ``auto`` logs when it falls back or picks
-        ``attention_pool`` (e.g. ``"the attention_pool table, about 3084.0 MB, is over memory_budget_mb=2048"``).
+        ``attention_pool`` (e.g. ``"the attention_pool table, about 6.0 MB, is over memory_budget_mb=1"``).
 
         Raises:
             ValueError: as :meth:`plan`.
