@@ -32,7 +32,7 @@ from regionembed.backbones import (
 from regionembed.backbones.open_clip import OpenCLIPAttentionPoolBackbone, OpenCLIPViTBackbone
 from regionembed.bench.models import FAMILIES, build_on_meta, family_models, support_row, tower_family
 from regionembed.explainers import LeGrad
-from regionembed.inversion import MaskInversion
+from regionembed.inversion import MaskInversion, estimate_costs
 
 MODELS = family_models()
 
@@ -171,6 +171,8 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
     else:
         assert auto in ("per_step", "precomputed")
     row = support_row(name, b)  # what `python -m regionembed.bench models` prints for it
+    if auto in ("naive", "attention_pool"):  # the reason the row gives is the one the solver logged
+        assert f"strategy auto runs '{auto}' ({row.auto_reason})" in caplog.text
     assert (row.adapter, row.grid, row.attention_pool, row.block_parts_fit, row.auto) == (
         type(b).__name__,
         grid,
@@ -204,6 +206,34 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
     assert probs.shape[0] == 2 and probs.shape[2:] == (t, t)
     (grad,) = torch.autograd.grad(rec[-1].out.sum(), probs)
     assert grad.is_meta and grad.shape == probs.shape
+
+
+def test_coca_l_fits_the_pool_table_under_the_default_budget(caplog):
+    """coca_ViT-L-14 at 224 px, LeGrad on two layers: the ``attention_pool`` table holds the one pool query the CoCa
+    recipe reads (D 768 x H 8 x 1 x T' 257 floats per layer, 12 MB), not all 256 (3 GB, over the default 2048 MB,
+    which made ``auto`` run ``naive`` and an explicit ``attention_pool`` raise)."""
+    b = build_on_meta("coca_ViT-L-14")
+    assert b.attention_pool_shape(224) == (8, 256, 257)
+    solver = MaskInversion(LeGrad(layers=[-1, -2]))
+    table = estimate_costs(b, 224, 1, solver.iterations, 2)["attention_pool"].memory
+    assert table == 4 * 2 * 768 * 8 * 257  # float32, two layers
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        assert solver.plan(b, 224, 1) == "attention_pool"
+        assert MaskInversion(LeGrad(layers=[-1, -2]), strategy="attention_pool").plan(b, 224, 1) == "attention_pool"
+    assert "over memory_budget_mb" not in caplog.text
+
+
+def test_support_row_gives_the_solvers_reason(caplog):
+    """``auto_reason`` is the reason the solver logs, also when an attention-pool head falls back to ``naive`` for
+    the memory budget (not the decomposition's issue, which is no reason there)."""
+    b = build_on_meta("coca_ViT-L-14")
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        row = support_row("coca_ViT-L-14", b, solver=MaskInversion(memory_budget_mb=1))
+    assert row.auto == "naive"
+    assert row.auto_reason == "the attention_pool table, about 6.0 MB, is over memory_budget_mb=1"
+    assert f"strategy auto runs 'naive' ({row.auto_reason})" in caplog.text
+    row = support_row("coca_ViT-L-14", b)  # the default budget
+    assert (row.auto, row.auto_reason) == ("attention_pool", "LeGrad through the attention-pool head")
 
 
 # ----------------------------------------------------------------------------------------- the refusals

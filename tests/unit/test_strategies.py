@@ -12,14 +12,17 @@ from torch.utils._pytree import tree_leaves
 from conftest import make_masks
 from regionembed.backbones import UnsupportedModelError
 from regionembed.explainers import LeGrad
+from regionembed.explainers.legrad import attention_pool_features
 from regionembed.inversion import MaskInversion
 from regionembed.inversion.strategies import (
     STRATEGIES,
     PerStepStrategy,
     PrecomputedStrategy,
     attention_pool_shape,
+    attention_pool_table_shape,
     decomposition_issue,
     estimate_costs,
+    legrad_pool_queries,
 )
 
 FAST = ["naive_lean", "per_step", "precomputed"]
@@ -230,8 +233,9 @@ def pool_backbone(request):
 
 
 def test_attention_pool_estimate_is_the_table_it_builds(pool_backbone):
-    """The memory estimate of ``attention_pool`` is the size of the tables the strategy allocates (D x H*Q*T' floats
-    per layer), at the native size and another one."""
+    """The memory estimate of ``attention_pool`` is the size of the tables the strategy allocates (D x H*Q_s*T' floats
+    per layer, Q_s the pool queries LeGrad reads: CoCa's first of 8, SigLIP's one), at the native size and another
+    one."""
     b = pool_backbone
     for size, layers in ((32, [-1]), (48, [0, 1])):
         strategy = STRATEGIES["attention_pool"](b, torch.randn(1, 3, size, size), layers, 2, 1e-12)
@@ -240,7 +244,38 @@ def test_attention_pool_estimate_is_the_table_it_builds(pool_backbone):
         assert set(estimate) == {"attention_pool"}  # the decomposed strategies do not apply to a pool head
         assert estimate["attention_pool"].memory == built
         heads, queries, keys = attention_pool_shape(b, size)
-        assert strategy.tables[0].shape == (b.embed_dim, heads * queries * keys)
+        read = attention_pool_table_shape(b, size)
+        assert read == (heads, 1, keys)  # re-tiny-coca: 8 queries, LeGrad reads the first; re-tiny-siglip: 1 query
+        assert queries == (8 if b.legrad_recipe == "coca" else 1)
+        assert [t.shape for t in strategy.tables] == [(b.embed_dim, heads * keys)] * len(layers)  # Q times smaller
+
+
+def test_attention_pool_gradient_is_zero_off_the_queries_legrad_reads(pool_backbone):
+    """What lets the table keep only ``legrad_pool_queries``: the gradient of LeGrad's pooled score with respect to
+    the pool's attention is exactly zero on every other query's row, and not on those (checked on the full
+    gradient)."""
+    b = pool_backbone
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = b.forward_blocks(b.embed_tokens(image))
+    with torch.enable_grad():
+        features, probs = attention_pool_features(b, tokens)
+        e = F.normalize(torch.randn(3, b.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+        (grad,) = torch.autograd.grad(features[0], probs, grad_outputs=e, is_grads_batched=True)  # [3, 1, H, Q, T']
+    queries = legrad_pool_queries(b, probs.shape[2])
+    others = [q for q in range(probs.shape[2]) if q not in queries]
+    assert queries == ([0] if b.legrad_recipe == "coca" else list(range(probs.shape[2])))
+    assert grad[:, :, :, others].abs().max() == 0 if others else True
+    assert grad[:, :, :, queries].abs().amax(dim=(0, 1, 2, 4)).min() > 0
+
+
+def test_attention_pool_queries_out_of_range_are_named(pool_backbone, monkeypatch):
+    b = pool_backbone
+    queries = attention_pool_shape(b, 32)[1]
+    for bad in ((queries,), ()):
+        monkeypatch.setattr(b, "legrad_pool_queries", bad)
+        with pytest.raises(ValueError, match=rf"legrad_pool_queries=\(.*\) must name some of the pool's {queries}"):
+            MaskInversion().plan(b, 32, 2)
 
 
 def test_attention_pool_respects_the_memory_budget(pool_backbone, caplog):
@@ -253,7 +288,14 @@ def test_attention_pool_respects_the_memory_budget(pool_backbone, caplog):
     assert result.strategy == "naive"  # auto falls back, saying why
     assert "strategy auto runs 'naive'" in caplog.text and f"memory_budget_mb={tiny:g}" in caplog.text
     assert MaskInversion(memory_budget_mb=table_mb).plan(b, 32, 2) == "attention_pool"  # the budget is inclusive
-    with pytest.raises(ValueError, match=rf"about {table_mb:.1f} MB .*memory_budget_mb={tiny:g}"):
+    assert MaskInversion(memory_budget_mb=tiny).plan_with_reason(b, 32, 2) == (
+        "naive",
+        f"the attention_pool table, about {table_mb:.1f} MB, is over memory_budget_mb={tiny:g}",
+    )
+    heads, _, keys = attention_pool_shape(b, 32)
+    queries = "Q=1 of 8, those LeGrad reads" if b.legrad_recipe == "coca" else "Q=1"  # the table's dimensions
+    shape = rf"D={b.embed_dim} x H={heads} x {queries} x T'={keys} floats"
+    with pytest.raises(ValueError, match=rf"about {table_mb:.1f} MB \({shape}.*memory_budget_mb={tiny:g}"):
         MaskInversion(strategy="attention_pool", memory_budget_mb=tiny)(b, image, masks)
     with pytest.raises(ValueError, match=r"each of 2 layer"):  # two tables: twice the memory
         MaskInversion(LeGrad((0, 1)), strategy="attention_pool", memory_budget_mb=table_mb * 1.5).plan(b, 32, 2)
@@ -263,9 +305,10 @@ def test_attention_pool_respects_the_memory_budget(pool_backbone, caplog):
 def test_bench_records_the_table_estimate():
     from regionembed.bench.inversion import markdown_table, run_case
 
-    pool = run_case("re-tiny-coca", 32, 2, 1, "attention_pool")
+    pool = run_case("re-tiny-coca", 96, 2, 1, "attention_pool")
     plain = run_case("re-tiny-vit", 32, 2, 1, "per_step")
-    assert pool["ran"] == "attention_pool" and pool["table_estimate_mb"] == 0.1  # 32 x 4 x 8 x 17 floats: 0.07 MB
+    # D x H x Q_s x T' = 32 x 4 x 1 x 145 floats (12x12 patches and [CLS]; the first of 8 queries): 0.07 MB
+    assert pool["ran"] == "attention_pool" and pool["table_estimate_mb"] == 0.1
     assert plain["table_estimate_mb"] is None  # no table
     rows = markdown_table([pool, plain]).splitlines()
     assert rows[2].split("|")[10].strip() == "0.1" and rows[3].split("|")[10].strip() == "-"

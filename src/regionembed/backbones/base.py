@@ -330,6 +330,13 @@ class AttentionPoolHead(abc.ABC):
     #: ``compute_legrad_coca``: the raw score on :meth:`legrad_pool_embed`; upsampling, then min-max)
     legrad_recipe: str = "siglip"
 
+    #: the pool queries LeGrad's score reads (indices into the ``Q`` queries of :meth:`attention_pool_shape`), or
+    #: ``None`` for all of them. The score's gradient with respect to the pool's attention is zero on every other
+    #: query's row, so MaskInversion's ``attention_pool`` strategy tabulates these rows only and its memory estimate
+    #: counts only them (the maps still average over heads and all ``Q`` queries, as the official recipe). A head
+    #: whose :meth:`legrad_pool_embed` reads some queries only (CoCa: the first) names them here.
+    legrad_pool_queries: tuple[int, ...] | None = None
+
     @property
     def has_attention_pool(self) -> bool:
         """Whether this model pools with its attention pool (an adapter class may also carry towers that pool with a

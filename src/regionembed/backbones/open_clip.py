@@ -674,6 +674,9 @@ class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
         return out @ visual.proj if visual.proj is not None else out
 
     legrad_recipe = "coca"
+    #: the official CoCa recipe scores the first query's output only (:meth:`legrad_pool_embed`), whatever the
+    #: model's ``pool_type``
+    legrad_pool_queries = (0,)
 
     def pool_tokens(self, tokens: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
         """open_clip's pooling (the attentional pooler, ``ln_post``, ``proj``); with ``explicit_attention`` the
@@ -692,7 +695,7 @@ class OpenCLIPAttentionPoolBackbone(OpenCLIPViTBackbone, AttentionPoolHead):
         visual = self.model.visual
 
         def first_query(x: torch.Tensor) -> torch.Tensor:
-            out = visual.attn_pool(x)[:, 0]
+            out = visual.attn_pool(x)[:, 0]  # the one query LeGrad reads: legrad_pool_queries
             return out @ visual.proj if visual.proj is not None else out
 
         return self._recorded_pool(tokens, first_query)

@@ -125,7 +125,7 @@ class ModelSupport:
         legrad_recipe: the attention-pool recipe (``"siglip"``, ``"coca"``), ``None`` without a pool.
         block_parts_fit: whether every block fits the decomposed MaskInversion formulas (``block_parts``).
         auto: the strategy MaskInversion's ``auto`` runs with LeGrad's default layers.
-        auto_reason: why (what ``auto`` logs).
+        auto_reason: why, in the solver's words (what ``auto`` logs when it falls back).
         error: ``"Type: message"`` when the build or a check failed.
     """
 
@@ -146,14 +146,16 @@ class ModelSupport:
     error: str | None = None
 
 
-def support_row(model_name: str, backbone=None) -> ModelSupport:
+def support_row(model_name: str, backbone=None, solver=None) -> ModelSupport:
     """What the dispatch made of ``model_name``: built on meta (:func:`build_on_meta`) unless ``backbone`` is given.
 
-    A failed build is a row with ``error`` set, not an exception: the table lists every config.
+    ``auto`` and ``auto_reason`` are what ``solver`` (default: ``MaskInversion()``, LeGrad on the last block, the
+    default ``memory_budget_mb``) plans for one mask at the preprocessing size, and the reason the solver gives
+    (:meth:`~regionembed.inversion.MaskInversion.plan_with_reason`). A failed build is a row with ``error`` set, not
+    an exception: the table lists every config.
     """
     from ..backbones.base import TokenGridBackbone, uses_attention_pool
     from ..inversion import MaskInversion
-    from ..inversion.strategies import decomposition_issue
 
     row = ModelSupport(model_name, tower_family(model_name))
     try:
@@ -169,14 +171,8 @@ def support_row(model_name: str, backbone=None) -> ModelSupport:
         row.block_parts_fit = all(b.block_parts(blk) is not None for blk in b.blocks)
     row.attention_pool = uses_attention_pool(b)
     row.legrad_recipe = b.legrad_recipe if row.attention_pool else None
-    solver = MaskInversion()
-    row.auto = solver.plan(b, b.preprocess.size, 1)
-    if row.auto == "attention_pool":
-        row.auto_reason = "LeGrad through the attention-pool head"
-    elif row.auto == "naive":
-        row.auto_reason = decomposition_issue(b, solver.explainer.layers)
-    else:
-        row.auto_reason = "the decomposed formulas fit; chosen by cost"
+    solver = MaskInversion() if solver is None else solver
+    row.auto, row.auto_reason = solver.plan_with_reason(b, b.preprocess.size, 1)
     return row
 
 

@@ -28,6 +28,7 @@ from .strategies import (
     ExplainerStrategy,
     MapStrategy,
     attention_pool_shape,
+    attention_pool_table_shape,
     decomposition_issue,
     estimate_costs,
 )
@@ -69,8 +70,10 @@ def check_masks(masks: torch.Tensor) -> torch.Tensor:
 def _table_shape(strategy: str, backbone: TokenGridBackbone, image_size: int) -> str:
     """The dimensions of a table strategy's table, for the over-budget error: ``D x ...`` per explained layer."""
     if strategy == "attention_pool":
-        heads, queries, keys = attention_pool_shape(backbone, image_size)
-        return f"D={backbone.embed_dim} x H={heads} x Q={queries} x T'={keys}"
+        heads, read, keys = attention_pool_table_shape(backbone, image_size)
+        queries = attention_pool_shape(backbone, image_size)[1]
+        of = "" if read == queries else f" of {queries}, those LeGrad reads"
+        return f"D={backbone.embed_dim} x H={heads} x Q={read}{of} x T'={keys}"
     parts = backbone.block_parts(backbone.blocks[-1])
     tokens = backbone.num_prefix_tokens + math.prod(backbone.grid_size(image_size))
     return f"D={backbone.embed_dim} x T={tokens} x C={parts.out_proj_weight.shape[1]}"
@@ -221,47 +224,63 @@ class MaskInversion:
     def plan(self, backbone: Backbone, image_size: int, num_masks: int) -> str:
         """The strategy a call runs for ``num_masks`` masks on a square ``image_size`` image of ``backbone``.
 
+        :meth:`plan_with_reason` without the reason.
+
         Raises:
             ValueError: ``strategy="precomputed"`` or ``"attention_pool"`` whose table
                 (:func:`~regionembed.inversion.strategies.estimate_costs`) is larger than ``memory_budget_mb``;
                 ``auto`` falls back to ``per_step`` (``naive`` on an attention-pool head) instead.
         """
+        return self.plan_with_reason(backbone, image_size, num_masks)[0]
+
+    def plan_with_reason(self, backbone: Backbone, image_size: int, num_masks: int) -> tuple[str, str]:
+        """:meth:`plan` and why: ``(strategy, reason)``, the reason ``auto`` logs when it falls back or picks
+        ``attention_pool`` (e.g. ``"the attention_pool table, about 6.0 MB, is over memory_budget_mb=1"``).
+
+        Raises:
+            ValueError: as :meth:`plan`.
+        """
         if not uses_legrad_strategies(self.explainer):
-            return "explainer"
+            return "explainer", f"{self.explainer!r} is not the official LeGrad: the generic explainer path"
         layers = self.explainer.layers
         # LeGrad on an attention-pool head differentiates the pool's attention: its own tabulated strategy, if the
         # table fits the budget
         if uses_attention_pool(backbone) and self.strategy in ("auto", "attention_pool"):
             table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
-            if not self._within_budget(table, backbone, image_size, fallback="naive"):
-                return "naive"
-            if self.strategy == "auto":
-                log.info("MaskInversion: strategy auto runs 'attention_pool' (LeGrad through the attention-pool head)")
-            return "attention_pool"
+            over = self._over_budget(table, backbone, image_size, fallback="naive")
+            if over is not None:
+                return self._auto("naive", over)
+            return self._auto("attention_pool", "LeGrad through the attention-pool head")
         if self.strategy not in ("auto", "precomputed"):
-            return self.strategy
+            return self.strategy, f"strategy={self.strategy!r} as set"
         issue = decomposition_issue(backbone, layers)
         if issue is not None:
-            if self.strategy == "precomputed":
-                return "precomputed"  # its constructor refuses the backbone, naming the issue and the alternatives
-            log.info("MaskInversion: strategy auto runs 'naive' (no decomposed strategy: %s)", issue)
-            return "naive"
+            if self.strategy == "precomputed":  # its constructor refuses the backbone, naming the issue and the way out
+                return "precomputed", f"strategy='precomputed' as set, though {issue}"
+            return self._auto("naive", f"no decomposed strategy: {issue}")
         costs = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))
         pre, per = costs["precomputed"], costs["per_step"]
         if self.strategy == "auto" and not pre.macs < per.macs:
-            return "per_step"
-        if self._within_budget(pre, backbone, image_size, fallback="per_step"):
-            return "precomputed"
-        return "per_step"
+            return "per_step", "the decomposed formulas fit; per_step predicted cheaper than precomputed"
+        over = self._over_budget(pre, backbone, image_size, fallback="per_step")
+        if over is not None:
+            return self._auto("per_step", over)
+        if self.strategy == "auto":
+            return "precomputed", "the decomposed formulas fit; precomputed predicted cheaper than per_step"
+        return "precomputed", "strategy='precomputed' as set"
 
-    def _within_budget(self, cost: CostEstimate, backbone: Backbone, image_size: int, fallback: str) -> bool:
-        """Whether a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``.
+    def _auto(self, name: str, reason: str) -> tuple[str, str]:
+        """``(name, reason)``; the reason is logged when ``auto`` chose ``name`` (a fallback, or the pool strategy)."""
+        if self.strategy == "auto":
+            log.info("MaskInversion: strategy auto runs %r (%s)", name, reason)
+        return name, reason
 
-        Over the budget, ``auto`` logs that it runs ``fallback`` instead and an explicit strategy raises
-        ``ValueError`` naming the estimate, the table's shape and ``memory_budget_mb``.
-        """
+    def _over_budget(self, cost: CostEstimate, backbone: Backbone, image_size: int, fallback: str) -> str | None:
+        """``None`` when a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``,
+        else why ``auto`` runs ``fallback`` instead; an explicit strategy over the budget raises ``ValueError`` naming
+        the estimate, the table's shape and ``memory_budget_mb``."""
         if cost.memory <= self.memory_budget_mb * 2**20:
-            return True
+            return None
         if self.strategy == cost.strategy:
             layers = len(self.explainer.layers)
             raise ValueError(
@@ -270,14 +289,10 @@ class MaskInversion:
                 f"than memory_budget_mb={self.memory_budget_mb:g}; raise memory_budget_mb, explain fewer layers, or "
                 f"use strategy 'auto', which runs {fallback!r} instead"
             )
-        log.info(
-            "MaskInversion: strategy auto runs %r (the %s table, about %.1f MB, is over memory_budget_mb=%g)",
-            fallback,
-            cost.strategy,
-            cost.memory / 2**20,
-            self.memory_budget_mb,
+        return (
+            f"the {cost.strategy} table, about {cost.memory / 2**20:.1f} MB, is over "
+            f"memory_budget_mb={self.memory_budget_mb:g}"
         )
-        return False
 
     def _strategy(self, backbone: Backbone, image: torch.Tensor, num_masks: int) -> MapStrategy:
         name = self.plan(backbone, image.shape[-1], num_masks)

@@ -26,8 +26,8 @@ LeGrad differentiates the pool's attention rather than a block's and the formula
 
 ``attention_pool``
     The Jacobian of LeGrad's pooled score (normalised, or raw on CoCa as the official recipe) with respect to the
-    pool's attention is tabulated once per layer and each step is one product (``tests/unit/test_open_clip_timm.py``
-    checks it against ``naive``).
+    pool's attention is tabulated once per layer, on the pool queries the score reads only, and each step is one
+    product (``tests/unit/test_open_clip_timm.py`` and ``tests/unit/test_coca.py`` check it against ``naive``).
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ __all__ = [
     "CostEstimate",
     "MapStrategy",
     "attention_pool_shape",
+    "attention_pool_table_shape",
     "decomposition_issue",
     "estimate_costs",
+    "legrad_pool_queries",
 ]
 
 #: what the LeGrad strategies (all but ``explainer``) need instead, for the error message
@@ -383,14 +385,17 @@ class PrecomputedStrategy(PerStepStrategy):
 class AttentionPoolStrategy(MapStrategy):
     """LeGrad on an attention-pool head (SigLIP, PE-Core, CoCa): one image forward, a table, no autograd in the model.
 
-    The official recipe differentiates ``s = <e, g(P)>`` with respect to the pool's attention ``P``
+    The official recipe differentiates ``s = <e, g(P)>`` with respect to the pool's attention ``P`` ``[H, Q, T']``
     (:func:`~regionembed.explainers.legrad.attention_pool_features` on a block's output, a constant for a fixed
     image: ``g = normalize(f)`` for SigLIP, the raw CoCa pool embedding for CoCa), so ``ds/dP = e @ J`` with
-    ``J = dg / dP`` ``[D, H*Q*T]`` per layer, tabulated once
-    (D batched backward passes through the pool only). Each step is then ``ReLU(e @ J)`` averaged over heads and
-    queries: a ``[N, D] x [D, H*Q*T]`` product. The table takes ``D * H * Q * T'`` floats of the model's dtype per layer
-    (:func:`attention_pool_shape`; CoCa's 256 queries make it large), which the solver checks against
-    ``memory_budget_mb`` before building this strategy (:func:`estimate_costs`).
+    ``J = dg / dP`` tabulated once per layer (D batched backward passes through the pool only). ``J`` is zero on the
+    rows of the queries ``g`` does not read, so the table keeps only the ``Q_s`` queries LeGrad's score reads
+    (:attr:`~regionembed.backbones.base.AttentionPoolHead.legrad_pool_queries`: all of them on SigLIP and PE, the
+    first of CoCa's 256): ``[D, H*Q_s*T']``. Each step is then ``ReLU(e @ J)`` summed over heads and those queries
+    and divided by ``H*Q``, the official mean over heads and *all* queries (the others contribute ``ReLU(0) = 0``):
+    a ``[N, D] x [D, H*Q_s*T']`` product. The table takes ``D * H * Q_s * T'`` floats of the model's dtype per layer
+    (:func:`attention_pool_table_shape`), which the solver checks against ``memory_budget_mb`` before building this
+    strategy (:func:`estimate_costs`).
     """
 
     name = "attention_pool"
@@ -417,23 +422,30 @@ class AttentionPoolStrategy(MapStrategy):
             with torch.enable_grad():
                 features, probs = attention_pool_features(backbone, rec.records[layer].out.detach())
                 features = features[0]  # [D]
+                heads, num_queries, keys = probs.shape[1:]
+                queries = legrad_pool_queries(backbone, num_queries)
+                rows = slice(None) if len(queries) == num_queries else queries  # all queries: no copy
                 eye = torch.eye(features.shape[0], dtype=features.dtype, device=features.device)
                 # filled in place, a chunk at a time: the peak is the table and one chunk, not twice the table
-                table = features.new_empty(features.shape[0], probs[0].numel())  # [D, H*Q*T']
+                table = features.new_empty(features.shape[0], heads * len(queries) * keys)  # [D, H*Q_s*T']
                 for i in range(0, eye.shape[0], self.CHUNK):  # batched backward passes
                     (part,) = torch.autograd.grad(
                         features, probs, grad_outputs=eye[i : i + self.CHUNK], is_grads_batched=True, retain_graph=True
-                    )
-                    table[i : i + self.CHUNK] = part.flatten(1)
+                    )  # [chunk, 1, H, Q, T']
+                    table[i : i + self.CHUNK] = part[:, 0, :, rows].flatten(1)
             self.tables.append(table)
-            self._shape = tuple(probs.shape[1:])
+            # (H, Q_s, T') of a table row, and Q: the official mean divides by H * Q
+            self._shape, self._num_queries = (heads, len(queries), keys), num_queries
 
     def maps(self, e):
         patches = self.grid[0] * self.grid[1]
+        heads = self._shape[0]
         total = 0.0
         for table in self.tables:
-            grad = (e @ table).view(e.shape[0], *self._shape)  # [N, H, Q, T']
-            total = total + grad.clamp_min(0).mean(dim=(1, 2))[:, -patches:]
+            grad = (e @ table).view(e.shape[0], *self._shape)  # [N, H, Q_s, T']
+            # the mean over heads and all Q queries: the queries left out of the table have zero gradients
+            relevance = grad.clamp_min(0).sum(dim=(1, 2)) / (heads * self._num_queries)
+            total = total + relevance[:, -patches:]
         return attention_pool_map(self.backbone, total, self.grid, self.eps)
 
 
@@ -483,14 +495,42 @@ def attention_pool_shape(backbone: TokenGridBackbone, image_size: int) -> tuple[
     return backbone.attention_pool_shape(image_size)
 
 
+def legrad_pool_queries(backbone: TokenGridBackbone, num_queries: int) -> list[int]:
+    """The pool queries LeGrad's score reads, as sorted indices into the pool's ``num_queries`` queries: the rows of
+    the pool's attention the ``attention_pool`` table keeps
+    (:attr:`~regionembed.backbones.base.AttentionPoolHead.legrad_pool_queries`; ``None`` there: all of them).
+
+    Raises:
+        ValueError: the backbone names no query, or one outside ``[0, num_queries)``.
+    """
+    queries = backbone.legrad_pool_queries
+    if queries is None:
+        return list(range(num_queries))
+    if not queries or any(not 0 <= q < num_queries for q in queries):
+        raise ValueError(
+            f"{type(backbone).__name__}.legrad_pool_queries={tuple(queries)} must name some of the pool's "
+            f"{num_queries} queries (indices 0 to {num_queries - 1})"
+        )
+    return sorted(set(queries))
+
+
+def attention_pool_table_shape(backbone: TokenGridBackbone, image_size: int) -> tuple[int, int, int]:
+    """``(H, Q_s, T')`` of a row of the ``attention_pool`` table on a square ``image_size`` image: the pool's heads,
+    the ``Q_s`` queries LeGrad's score reads (:func:`legrad_pool_queries`) and the tokens the pool reads. The table is
+    ``D x H*Q_s*T'`` per explained layer."""
+    heads, queries, keys = attention_pool_shape(backbone, image_size)
+    return heads, len(legrad_pool_queries(backbone, queries)), keys
+
+
 def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int, iterations: int, num_layers: int):
     """Rough cost of each strategy that fits ``backbone``, for ``num_masks`` masks and ``iterations`` steps on a
     square image.
 
     On an attention-pool head (:func:`~regionembed.backbones.base.uses_attention_pool`) that is ``attention_pool``
-    alone: its memory is the table, ``D * H * Q * T'`` floats of the model's dtype per layer
-    (:func:`attention_pool_shape`), and its multiply-adds the ``[N, D] x [D, H*Q*T']`` product of every step (forward
-    and backward; the tabulation and the image forward are left out: nothing is chosen by them). Otherwise the
+    alone: its memory is the table, ``D * H * Q_s * T'`` floats of the model's dtype per layer
+    (:func:`attention_pool_table_shape`: only the ``Q_s`` queries LeGrad's score reads), and its multiply-adds the
+    ``[N, D] x [D, H*Q_s*T']`` product of every step (forward and backward; the tabulation and the image forward are
+    left out: nothing is chosen by them). Otherwise the
     backbone must fit the decomposition (:func:`decomposition_issue` is ``None``) and the result has ``naive``,
     ``naive_lean``, ``per_step`` and ``precomputed``.
 
@@ -502,7 +542,7 @@ def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int,
     floats = next((p for p in backbone.parameters() if p.is_floating_point()), None)
     nbytes = float(floats.element_size()) if floats is not None else 4.0  # the tables take the model's dtype
     if uses_attention_pool(backbone):
-        table = d * math.prod(attention_pool_shape(backbone, image_size))  # floats per layer
+        table = d * math.prod(attention_pool_table_shape(backbone, image_size))  # floats per layer
         macs = num_layers * iterations * 3 * num_masks * table
         return {"attention_pool": CostEstimate("attention_pool", macs, nbytes * num_layers * table)}
     blocks = backbone.blocks
