@@ -312,6 +312,7 @@ def test_bench_records_the_table_estimate():
     assert plain["table_estimate_mb"] is None  # no table
     rows = markdown_table([pool, plain]).splitlines()
     assert rows[2].split("|")[10].strip() == "0.1" and rows[3].split("|")[10].strip() == "-"
+    assert rows[2].split("|")[11].strip() == "-"  # no naive run to compare with: no ratio (it printed "nanx")
 
 
 def test_plan_reads_the_pool_shape_once_per_backbone_and_size(monkeypatch):

@@ -134,6 +134,11 @@ def summarize(records: list[dict]) -> list[dict]:
     return records
 
 
+def _ratio(value: float | None) -> str:
+    """``"3.4x"``, or ``"-"`` when ``naive`` did not run at that size and mask count."""
+    return "-" if value is None else f"{value:.1f}x"
+
+
 def markdown_table(records: list[dict]) -> str:
     head = (
         "| model | size | masks | iters | strategy | wall s | s/mask | +1 mask s | extra peak RSS MB "
@@ -152,7 +157,7 @@ def markdown_table(records: list[dict]) -> str:
             f"| {r['model']} | {r['image_size']} | {r['masks']} | {r['iterations']} | {name} | {r['wall_s']:.2f} | "
             f"{r['s_per_mask']:.3f} | {r.get('marginal_s_per_mask', float('nan')):.3f} | "
             f"{r['peak_over_baseline_mb']:.0f} | {r.get('table_estimate_mb') or '-'} | "
-            f"{r.get('speedup_vs_naive', float('nan')):.1f}x |"
+            f"{_ratio(r.get('speedup_vs_naive'))} |"
         )
     return "\n".join(lines)
 
