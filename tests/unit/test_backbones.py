@@ -143,7 +143,7 @@ def test_local_weights_get_the_tags_common_preprocessing(tmp_path, tiny_backbone
         ({"mean": (0.5, 0.5)}, "preprocess_cfg: mean must be three numbers"),
         ({"std": "0.5"}, "preprocess_cfg: std must be three numbers"),
         ({"mean": [0.5, 0.5, True]}, "preprocess_cfg: mean must be three numbers"),
-        ({"interpolation": "cubic"}, "preprocess_cfg: interpolation must be one of bicubic, bilinear, nearest"),
+        ({"interpolation": "cubic"}, "preprocess_cfg: interpolation must be one of bicubic, bilinear, got 'cubic'"),
         ({"resize_mode": "bogus"}, "preprocess_cfg: resize_mode must be one of shortest, longest, squash"),
         ("laion", "preprocess_cfg='laion' is not a pretrained tag of re-tiny-vit"),
     ],

@@ -153,6 +153,18 @@ def test_table_estimates_follow_the_models_dtype(tiny_backbone):
     assert table == 2 * estimate_costs(tiny_backbone, 64, 2, 10, 1)["precomputed"].memory
 
 
+def test_estimates_read_the_image_towers_dtype():
+    """Only the image tower cast to float64 (open_clip's first parameter, logit_scale, stays float32): the pool's
+    shape is read on the tower's dtype, and the table is estimated at 8 bytes a float."""
+    from regionembed.backbones import OpenCLIPBackbone
+
+    b = OpenCLIPBackbone("re-tiny-coca", tokenizer=False)
+    single = estimate_costs(b, 32, 2, 2, 1)["attention_pool"].memory
+    b.model.visual.double()
+    b.clear_attention_pool_shapes()
+    assert estimate_costs(b, 32, 2, 2, 1)["attention_pool"].memory == 2 * single
+
+
 def test_precomputed_respects_the_memory_budget(tiny_backbone, caplog):
     """An explicit ``precomputed`` over ``memory_budget_mb`` raises as ``attention_pool`` does; ``auto`` runs
     ``per_step`` instead and says why."""
@@ -168,6 +180,9 @@ def test_precomputed_respects_the_memory_budget(tiny_backbone, caplog):
     with pytest.raises(ValueError, match=r"each of 2 layer"):  # two tables: twice the memory
         MaskInversion(LeGrad((0, 1)), strategy="precomputed", memory_budget_mb=table_mb * 1.5).plan(b, 32, 2)
     assert MaskInversion(strategy="precomputed", memory_budget_mb=table_mb).plan(b, 32, 2) == "precomputed"
+    # one block named twice ((1, -1) on two blocks) is one table: the budget counts distinct blocks
+    aliased = MaskInversion(LeGrad((1, -1)), strategy="precomputed", memory_budget_mb=table_mb * 1.5)
+    assert aliased.plan(b, 32, 2) == "precomputed"
     assert MaskInversion(memory_budget_mb=table_mb).plan(b, 32, 5000) == "precomputed"  # cheaper for many masks
     with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
         assert MaskInversion(memory_budget_mb=tiny).plan(b, 32, 5000) == "per_step"
@@ -300,6 +315,9 @@ def test_attention_pool_respects_the_memory_budget(pool_backbone, caplog):
     with pytest.raises(ValueError, match=r"each of 2 layer"):  # two tables: twice the memory
         MaskInversion(LeGrad((0, 1)), strategy="attention_pool", memory_budget_mb=table_mb * 1.5).plan(b, 32, 2)
     assert MaskInversion(strategy="attention_pool", memory_budget_mb=table_mb).plan(b, 32, 2) == "attention_pool"
+    # the last block named twice is one table
+    aliased = MaskInversion(LeGrad((len(b.blocks) - 1, -1)), memory_budget_mb=table_mb * 1.5)
+    assert aliased.plan(b, 32, 2) == "attention_pool"
 
 
 def test_bench_records_the_table_estimate():

@@ -369,7 +369,7 @@ class AttentionPoolHead(abc.ABC):
         """
         shapes = self.__dict__.setdefault("_attention_pool_shapes", {})
         if image_size not in shapes:
-            param = next(self.parameters())
+            param = next(self.blocks[0].parameters())  # the image tower's dtype and device (not e.g. logit_scale's)
             blank = torch.zeros(1, 3, image_size, image_size, dtype=param.dtype, device=param.device)
             with torch.no_grad():
                 _, probs = self.attention_pool_embed(self.embed_tokens(blank))

@@ -96,8 +96,9 @@ def get_tokenizer(model_name: str, model: nn.Module | None = None):
 
 #: the keys of open_clip's preprocessing config that ``preprocess_cfg`` may set
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-#: the interpolations and resize modes open_clip's own transforms understand
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+#: the interpolations and resize modes open_clip's own transforms accept (``image_transform`` asserts the
+#: interpolation; its "random" is for training only)
+INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "longest", "squash")
 
 

@@ -81,7 +81,7 @@ def run_case(model: str, size: int, masks: int, iterations: int, strategy: str, 
         wall = time.perf_counter() - start
     table = None  # the solver's estimate of a table strategy's memory, what memory_budget_mb is checked against
     if result.strategy in ("precomputed", "attention_pool"):
-        costs = estimate_costs(backbone, size, masks, iterations, len(solver.explainer.layers))
+        costs = estimate_costs(backbone, size, masks, iterations, len(backbone.layer_indices(solver.explainer.layers)))
         table = round(costs[result.strategy].memory / 2**20, 1)
     return {
         "model": model,

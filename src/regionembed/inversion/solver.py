@@ -246,8 +246,9 @@ class MaskInversion:
         # LeGrad on an attention-pool head differentiates the pool's attention: its own tabulated strategy, if the
         # table fits the budget
         if uses_attention_pool(backbone) and self.strategy in ("auto", "attention_pool"):
-            table = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))["attention_pool"]
-            over = self._over_budget(table, backbone, image_size, fallback="naive")
+            tables = len(backbone.layer_indices(layers))  # one table per distinct block ((11, -1) is one on ViT-B)
+            table = estimate_costs(backbone, image_size, num_masks, self.iterations, tables)["attention_pool"]
+            over = self._over_budget(table, backbone, image_size, tables, fallback="naive")
             if over is not None:
                 return self._auto("naive", over)
             return self._auto("attention_pool", "LeGrad through the attention-pool head")
@@ -258,11 +259,12 @@ class MaskInversion:
             if self.strategy == "precomputed":  # its constructor refuses the backbone, naming the issue and the way out
                 return "precomputed", f"strategy='precomputed' as set, though {issue}"
             return self._auto("naive", f"no decomposed strategy: {issue}")
-        costs = estimate_costs(backbone, image_size, num_masks, self.iterations, len(layers))
+        tables = len(backbone.layer_indices(layers))  # one table per distinct block
+        costs = estimate_costs(backbone, image_size, num_masks, self.iterations, tables)
         pre, per = costs["precomputed"], costs["per_step"]
         if self.strategy == "auto" and not pre.macs < per.macs:
             return "per_step", "the decomposed formulas fit; per_step predicted cheaper than precomputed"
-        over = self._over_budget(pre, backbone, image_size, fallback="per_step")
+        over = self._over_budget(pre, backbone, image_size, tables, fallback="per_step")
         if over is not None:
             return self._auto("per_step", over)
         if self.strategy == "auto":
@@ -275,14 +277,15 @@ class MaskInversion:
             log.info("MaskInversion: strategy auto runs %r (%s)", name, reason)
         return name, reason
 
-    def _over_budget(self, cost: CostEstimate, backbone: Backbone, image_size: int, fallback: str) -> str | None:
+    def _over_budget(
+        self, cost: CostEstimate, backbone: Backbone, image_size: int, layers: int, fallback: str
+    ) -> str | None:
         """``None`` when a table strategy's memory (``precomputed``, ``attention_pool``) fits ``memory_budget_mb``,
         else why ``auto`` runs ``fallback`` instead; an explicit strategy over the budget raises ``ValueError`` naming
         the estimate, the table's shape and ``memory_budget_mb``."""
         if cost.memory <= self.memory_budget_mb * 2**20:
             return None
         if self.strategy == cost.strategy:
-            layers = len(self.explainer.layers)
             raise ValueError(
                 f"strategy {cost.strategy!r} would tabulate about {cost.memory / 2**20:.1f} MB "
                 f"({_table_shape(cost.strategy, backbone, image_size)} floats for each of {layers} layer(s)), more "

@@ -539,8 +539,8 @@ def estimate_costs(backbone: TokenGridBackbone, image_size: int, num_masks: int,
     ``naive``, and the ``D`` basis evaluations of ``precomputed``.
     """
     d = backbone.embed_dim
-    floats = next((p for p in backbone.parameters() if p.is_floating_point()), None)
-    nbytes = float(floats.element_size()) if floats is not None else 4.0  # the tables take the model's dtype
+    # the tables take the image tower's dtype (its blocks'; a first parameter such as logit_scale may differ)
+    nbytes = float(next(backbone.blocks[0].parameters()).element_size())
     if uses_attention_pool(backbone):
         table = d * math.prod(attention_pool_table_shape(backbone, image_size))  # floats per layer
         macs = num_layers * iterations * 3 * num_masks * table
