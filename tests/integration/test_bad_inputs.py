@@ -533,12 +533,22 @@ def test_garbage_weights_are_unreadable_whatever_the_unpickler_raises(tmp_path):
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_readable_weights_of_another_model_do_not_fit(tmp_path, zip_format):
+def test_readable_weights_of_another_model_do_not_fit(tmp_path, zip_format, monkeypatch):
     """The safe re-read that tells unreadable from unfit maps zip checkpoints and falls back for the legacy format."""
     path = tmp_path / "other.pt"
     torch.save({"x": torch.zeros(2)}, path, _use_new_zipfile_serialization=zip_format)
+    calls = []
+    load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
     with pytest.raises(PretrainedWeightsUnavailable, match=r"other\.pt does not fit the architecture re-tiny-vit"):
         OpenCLIPBackbone("re-tiny-vit", pretrained=str(path))
+    rereads = [c for c in calls if c.get("mmap")]  # the re-read maps the file instead of loading it a second time
+    assert len(rereads) == 1 and all(c.get("weights_only") for c in calls)
 
 
 def test_malicious_pickles_never_run(weights, tmp_path):

@@ -422,7 +422,7 @@ def compare_methods(
         elif method.startswith("alpha_") and backbone.alpha_embed is None:
             continue  # the model has no alpha channel
         else:
-            emb = torch.full((len(names), text.shape[-1]), float("nan"), device=text.device)
+            emb = torch.full((len(names), text.shape[-1]), float("nan"), dtype=text.dtype, device=text.device)
             if present.any():
                 emb[present] = METHODS[method]()(backbone, image, masks_s[present]).to(emb.dtype)
             embeddings[method] = emb
