@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from timm.models import eva, register_model
 from timm.models import vision_transformer as timm_vit
+from torch import nn
 
+from helpers.eva import tiny_eva01
 from helpers.tokenizers import tiny_hf_tokenizer
 from regionembed.backbones import (
     AttentionRecorder,
@@ -30,15 +32,16 @@ from regionembed.backbones import (
     UnsupportedModelError,
 )
 from regionembed.backbones.open_clip import OpenCLIPAttentionPoolBackbone, OpenCLIPViTBackbone
+from regionembed.backbones.timm import eva_block_parts
 from regionembed.bench.models import FAMILIES, build_on_meta, family_models, support_row, tower_family
 from regionembed.explainers import LeGrad
 from regionembed.inversion import MaskInversion, estimate_costs
 
 MODELS = family_models()
 
-#: one per family in the default suite: the largest (nothing allocated), EVA02-E's post-norm blocks, CoCa without
-#: its attentional pooler
-FAST = {"ViT-SO400M-14-SigLIP2", "EVA02-E-14", "PE-Core-bigG-14-448", "coca_ViT-L-14", "coca_base"}
+#: one per family in the default suite: the largest (nothing allocated), EVA02-E's post-norm blocks, EVA01's
+#: decomposable blocks, CoCa without its attentional pooler
+FAST = {"ViT-SO400M-14-SigLIP2", "EVA02-E-14", "EVA01-g-14", "PE-Core-bigG-14-448", "coca_ViT-L-14", "coca_base"}
 
 #: configs refused as they are: (error type, what the message must name)
 REFUSED = {
@@ -154,8 +157,9 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
     # capabilities, read from the tower, and what MaskInversion's auto runs (with the reason it logs)
     if isinstance(trunk, timm_vit.VisionTransformer):
         pool, fits = trunk.global_pool == "map", True
-    elif isinstance(trunk, eva.Eva):  # SwiGLU / post-norm / plain Eva blocks: not timm's ViT Block
-        pool, fits = trunk.global_pool == "map", False
+    elif isinstance(trunk, eva.Eva):  # EVA01's pre-norm GELU blocks fit; EVA02's SwiGLU, EVA02-E's post-norm do not
+        pool = trunk.global_pool == "map"
+        fits = not pool and tower_family(name) == "EVA01"
     else:
         pool, fits = b.model.visual.attn_pool is not None, True
     assert b.has_attention_pool if pool else not getattr(b, "has_attention_pool", False)
@@ -169,7 +173,7 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
     elif not fits:
         assert auto == "naive" and "does not have the pre-norm form" in caplog.text
     else:
-        assert auto in ("per_step", "precomputed")
+        assert auto in ("per_step", "precomputed") and "strategy auto runs" not in caplog.text
     row = support_row(name, b)  # what `python -m regionembed.bench models` prints for it
     if auto in ("naive", "attention_pool"):  # the reason the row gives is the one the solver logged
         assert f"strategy auto runs '{auto}' ({row.auto_reason})" in caplog.text
@@ -299,18 +303,27 @@ def _tiny_variant(monkeypatch, kind: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("kind", ["eva02_e", "coca_base"])
-def test_odd_towers_match_open_clip_with_values(kind, monkeypatch):
-    """What meta tensors cannot show: on real (random) weights the adapter's forward is open_clip's, and LeGrad's
-    map is a proper map with a gradient (EVA02-E's post-norm blocks; CoCa without its attentional pooler)."""
+def _tiny_tower(monkeypatch, kind: str):
+    if kind.startswith("eva01"):
+        return tiny_eva01(layer_scale=kind == "eva01_ls")
     from regionembed.backbones import OpenCLIPBackbone
 
     name = _tiny_variant(monkeypatch, kind)
     torch.manual_seed(0)
-    b = OpenCLIPBackbone(name).requires_grad_(False)
-    assert type(b) is (OpenCLIPTimmBackbone if kind == "eva02_e" else OpenCLIPViTBackbone)
+    return OpenCLIPBackbone(name).requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["eva02_e", "eva01", "eva01_ls", "coca_base"])
+def test_odd_towers_match_open_clip_with_values(kind, monkeypatch):
+    """What meta tensors cannot show: on real (random) weights the adapter's forward is open_clip's, and LeGrad's
+    map is a proper map with a gradient (EVA02-E's post-norm blocks; EVA01's pre-norm blocks, with and without
+    layer scale; CoCa without its attentional pooler)."""
+    b = _tiny_tower(monkeypatch, kind)
+    assert type(b) is (OpenCLIPViTBackbone if kind == "coca_base" else OpenCLIPTimmBackbone)
     if kind == "eva02_e":
         assert type(b.blocks[0]).__name__ == "EvaBlockPostNorm"
+    if kind.startswith("eva01"):
+        assert type(b.blocks[0]) is eva.EvaBlock and (b.blocks[0].gamma_1 is not None) == (kind == "eva01_ls")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(b.encode_image(x), b.model.encode_image(x, normalize=False), rtol=0, atol=1e-5)
@@ -325,3 +338,54 @@ def test_odd_towers_match_open_clip_with_values(kind, monkeypatch):
         auto.strategy in (("naive",) if kind == "eva02_e" else ("per_step", "precomputed"))
         and torch.isfinite(auto.embeddings).all()
     )
+
+
+@pytest.mark.parametrize(("kind", "block"), [("re-tiny-eva02", "EvaBlock"), ("eva02_e", "EvaBlockPostNorm")])
+def test_eva02_blocks_still_run_naive_with_the_reason(kind, block, monkeypatch, caplog):
+    """EVA02's SwiGLU and inner attention norm (``re-tiny-eva02``) and EVA02-E's post-norm blocks have no
+    ``block_parts``: ``auto`` runs ``naive`` and logs why, as before EVA01's blocks got theirs."""
+    if kind == "re-tiny-eva02":
+        from regionembed.backbones import OpenCLIPBackbone
+
+        b = OpenCLIPBackbone(kind).requires_grad_(False)
+    else:
+        b = _tiny_tower(monkeypatch, kind)
+    assert all(b.block_parts(blk) is None for blk in b.blocks)
+    with caplog.at_level(logging.INFO, logger="regionembed.inversion.solver"):
+        assert MaskInversion().plan(b, 32, 4) == "naive"
+    reason = f"no decomposed strategy: block 1 ({block}) does not have the pre-norm form of the formulas"
+    assert f"strategy auto runs 'naive' ({reason})" in caplog.text
+
+
+def _eva_block(**kwargs) -> nn.Module:
+    return eva.EvaBlock(48, 3, mlp_ratio=4.0, norm_layer=nn.LayerNorm, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fits"),
+    [
+        ({}, True),  # EVA01-g-14: pre-norm, GELU Mlp, EvaAttention with q/v biases
+        ({"init_values": 0.1}, True),  # EVA's layer scale: gamma_1, gamma_2
+        ({"init_values": 0.1, "attn_only_layer_scale": True}, True),  # gamma_1 only
+        ({"qk_norm": True}, True),  # q/k norms shape the probabilities only, not the block's tail
+        ({"swiglu_mlp": True, "scale_mlp": True}, False),  # EVA02: SwiGLU with its inner norm
+        ({"swiglu_mlp": True}, False),  # GluMlp
+        ({"scale_mlp": True}, False),  # a norm inside the GELU Mlp
+        ({"scale_attn_inner": True}, False),  # EVA02: attn.norm before proj
+        ({"gated_attn": True}, False),  # attn.gate
+        ({"attn_type": "rope"}, False),  # timm's AttentionRope (PE-Core)
+    ],
+)
+def test_eva_block_parts_reads_the_block_form(kwargs, fits):
+    """Which timm eva.py blocks get :class:`BlockParts`, read from the attributes that tell EVA01's blocks from
+    EVA02's; the parts are the block's own modules and Parameters."""
+    blk = _eva_block(**kwargs)
+    parts = eva_block_parts(blk)
+    assert (parts is not None) == fits
+    if fits:
+        assert (parts.num_heads, parts.head_dim) == (3, 16) and parts.out_proj_weight is blk.attn.proj.weight
+        assert parts.norm2 is blk.norm2 and parts.act is blk.mlp.act
+        assert parts.fc1 is blk.mlp.fc1 and parts.fc2 is blk.mlp.fc2
+        assert parts.ls1 is blk.gamma_1 and parts.ls2 is blk.gamma_2
+    post = eva.EvaBlockPostNorm(48, 3, mlp_ratio=4.0)  # EVA02-E: GELU Mlp, but normed after each branch
+    assert eva_block_parts(post) is None

@@ -29,7 +29,7 @@ from torch import nn
 from .attention import UnsupportedModelError, attention_pool_forward, check_library_versions
 from .base import AttentionPoolHead, BlockParts, TokenGridBackbone
 from .open_clip import OpenCLIPBackbone
-from .timm import vit_block_parts
+from .timm import eva_block_parts, vit_block_parts
 
 __all__ = ["OpenCLIPTimmBackbone"]
 
@@ -243,6 +243,9 @@ class OpenCLIPTimmBackbone(OpenCLIPBackbone, TokenGridBackbone, AttentionPoolHea
         return self._after_pool(pooled), probs
 
     def block_parts(self, block: nn.Module) -> BlockParts | None:
-        # timm's plain ViT block (SigLIP) fits the formulas; EVA02's SwiGLU (fc2(norm(silu(w1 x) * w2 x))) and its
-        # attention's inner norm do not (``None``: the solver runs naive)
+        # timm's plain ViT block (SigLIP) and EVA01's pre-norm EvaBlock fit the formulas; EVA02's SwiGLU
+        # (fc2(norm(silu(w1 x) * w2 x))), its attention's inner norm and EVA02-E's post-norm blocks do not (``None``:
+        # the solver runs naive)
+        if isinstance(block, eva.EvaBlock | eva.EvaBlockPostNorm):
+            return eva_block_parts(block)
         return vit_block_parts(block)

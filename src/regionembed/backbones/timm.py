@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import timm
 import torch
-from timm.layers import LayerScale
+from timm.layers import LayerScale, Mlp
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -153,6 +154,46 @@ def vit_block_parts(block: nn.Module) -> BlockParts | None:
     )
     if not plain:
         return None
+    ls1 = block.ls1.gamma if isinstance(block.ls1, LayerScale) else None
+    ls2 = block.ls2.gamma if isinstance(block.ls2, LayerScale) else None
+    return _timm_block_parts(block, ls1, ls2)
+
+
+def eva_block_parts(block: nn.Module) -> BlockParts | None:
+    """:class:`BlockParts` of a timm ``EvaBlock`` of EVA01's form, or ``None`` for any other block.
+
+    EVA01's blocks (``eva_giant_patch14_*``) are pre-norm: ``x + gamma_1 * proj(attn(norm1(x)))`` and
+    ``x + gamma_2 * fc2(act(fc1(norm2(x))))`` with a GELU ``Mlp``, the optional layer scales ``gamma_1``/``gamma_2``
+    and ``EvaAttention``'s q/v biases (which only shape the attention probabilities and ``V``, not the block's tail).
+    EVA02's variants do not fit the formulas, told apart by these attributes in timm 1.0: its MLP is gated
+    (``block.mlp`` a ``SwiGLU``, with an inner norm under ``scale_mlp``, or a ``GluMlp``; an ``Mlp`` with a norm,
+    ``mlp.norm``, is refused too), its attention norms its output before ``proj`` (``scale_attn_inner``: ``attn.norm``
+    is a ``LayerNorm``), and EVA02-E's blocks are ``EvaBlockPostNorm`` (normed after each branch). A gated attention
+    (``attn.gate``) or timm's ``AttentionRope`` (PE-Core) is not taken either.
+    """
+    # exact types: EvaBlockPostNorm is a sibling class, SwiGLU/GluMlp are not Mlp subclasses, and a subclass could
+    # change the forward the formulas describe
+    if type(block) is not EvaBlock:
+        return None
+    attn, mlp = block.attn, block.mlp
+    plain = (
+        type(attn) is EvaAttention
+        and isinstance(attn.norm, nn.Identity)
+        and attn.gate is None
+        and type(mlp) is Mlp
+        and isinstance(mlp.norm, nn.Identity)
+        and isinstance(mlp.fc1, nn.Linear)  # not Mlp(use_conv=True)
+        and isinstance(block.norm2, nn.LayerNorm)
+    )
+    if not plain:
+        return None
+    return _timm_block_parts(block, block.gamma_1, block.gamma_2)
+
+
+def _timm_block_parts(block: nn.Module, ls1: torch.Tensor | None, ls2: torch.Tensor | None) -> BlockParts:
+    """:class:`BlockParts` of a timm pre-norm block whose form was checked: ``block.attn`` (heads, ``proj``),
+    ``block.norm2``, ``block.mlp`` (``fc1``, ``act``, ``fc2``) and the layer scales ``ls1``/``ls2`` ``[C]``."""
+    attn, mlp = block.attn, block.mlp
     return BlockParts(
         num_heads=attn.num_heads,
         head_dim=attn.head_dim,
@@ -161,6 +202,6 @@ def vit_block_parts(block: nn.Module) -> BlockParts | None:
         fc1=mlp.fc1,
         act=mlp.act,
         fc2=mlp.fc2,
-        ls1=block.ls1.gamma if isinstance(block.ls1, LayerScale) else None,
-        ls2=block.ls2.gamma if isinstance(block.ls2, LayerScale) else None,
+        ls1=ls1,
+        ls2=ls2,
     )
