@@ -214,8 +214,8 @@ def test_config_builds_on_meta_and_explains(name, tiny_tokenizer, no_hf_cache, c
 
 def test_coca_l_fits_the_pool_table_under_the_default_budget(caplog):
     """coca_ViT-L-14 at 224 px, LeGrad on two layers: the ``attention_pool`` table holds the one pool query the CoCa
-    recipe reads (D 768 x H 8 x 1 x T' 257 floats per layer, 12 MB), not all 256 (3 GB, over the default 2048 MB,
-    which made ``auto`` run ``naive`` and an explicit ``attention_pool`` raise)."""
+    recipe reads (D 768 x H 8 x 1 x T' 257 floats per layer: 6 MB, 12 MB for the two layers), not all 256 (3 GB,
+    over the default 2048 MB, which made ``auto`` run ``naive`` and an explicit ``attention_pool`` raise)."""
     b = build_on_meta("coca_ViT-L-14")
     assert b.attention_pool_shape(224) == (8, 256, 257)
     solver = MaskInversion(LeGrad(layers=[-1, -2]))

@@ -25,8 +25,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # imported where used: listing the configs needs neither
+    from ..backbones import OpenCLIPBackbone
+    from ..inversion import MaskInversion
 
 __all__ = ["FAMILIES", "ModelSupport", "build_on_meta", "family_models", "support_row", "tower_family"]
 
@@ -146,7 +151,9 @@ class ModelSupport:
     error: str | None = None
 
 
-def support_row(model_name: str, backbone=None, solver=None) -> ModelSupport:
+def support_row(
+    model_name: str, backbone: OpenCLIPBackbone | None = None, solver: MaskInversion | None = None
+) -> ModelSupport:
     """What the dispatch made of ``model_name``: built on meta (:func:`build_on_meta`) unless ``backbone`` is given.
 
     ``auto`` and ``auto_reason`` are what ``solver`` (default: ``MaskInversion()``, LeGrad on the last block, the
